@@ -1,0 +1,79 @@
+"""Builds stnpadim_ext._C from csrc/: CPU kernels always, CUDA kernels when asked or available.
+
+Environment switches:
+  STNPADIM_NO_EXT=1      install the pure-Python package (reference ops only)
+  STNPADIM_FORCE_CUDA=1  compile the CUDA kernels even where auto-detection would not
+  STNPADIM_NO_CUDA=1     CPU kernels only (fast local builds)
+  TORCH_CUDA_ARCH_LIST   CUDA archs; default Turing to Hopper plus PTX
+  DEBUG=1                -O0 -g
+"""
+import glob
+import os
+import site
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+# CUDA 13 dropped Volta, so Turing is the oldest arch nvcc 13 can target.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _flag(name):
+    return os.environ.get(name, "0") == "1"
+
+
+def _want_cuda(torch, cuda_home):
+    if _flag("STNPADIM_NO_CUDA"):
+        return False
+    if _flag("STNPADIM_FORCE_CUDA"):
+        if cuda_home is None:
+            sys.exit("STNPADIM_FORCE_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
+        return True
+    return torch.version.cuda is not None and cuda_home is not None
+
+
+def _pip_cuda_include_dirs():
+    # ATen's CUDA headers include cusparse.h / cublas_v2.h, which the pip CUDA wheels ship.
+    dirs = []
+    for sp in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
+        dirs += glob.glob(os.path.join(sp, "nvidia", "*", "include"))
+    return sorted({str(Path(d).resolve()) for d in dirs})
+
+
+def extension_modules():
+    if _flag("STNPADIM_NO_EXT"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    use_cuda = _want_cuda(torch, CUDA_HOME)
+    debug = _flag("DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    sources = sorted(str(p) for p in CSRC.rglob("*.cpp"))
+    define_macros = []  # torch adds Py_LIMITED_API itself when py_limited_api=True
+    extra = {"cxx": opt + ["-fopenmp", "-fdiagnostics-color=always"]}
+    kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"], py_limited_api=True)
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        sources += sorted(str(p) for p in CSRC.rglob("*.cu"))
+        define_macros += [("STNPADIM_WITH_CUDA", None), ("STNPADIM_CUDA_ARCHS", f'"{archs}"')]
+        extra["nvcc"] = opt + ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        kwargs["include_dirs"] += _pip_cuda_include_dirs()
+        ext = CUDAExtension("stnpadim_ext._C", sources, define_macros=define_macros,
+                            extra_compile_args=extra, **kwargs)
+    else:
+        ext = CppExtension("stnpadim_ext._C", sources, define_macros=define_macros,
+                           extra_compile_args=extra, **kwargs)
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

@@ -1,0 +1,13 @@
+"""stnpadim: PaDiM anomaly detection with a self-supervised Spatial Transformer Network.
+
+    import stnpadim_ext as sp
+    model = sp.PaDiM(backbone="efficientnet_lite0").fit(train_images)
+    scores, maps = model.predict(test_images)
+"""
+from ._backend import backend_info
+from .ops.affine_sample import affine_sample
+from .ops.mahalanobis import mahalanobis
+from .stats import GaussianStats, PatchGaussian
+
+__all__ = ["backend_info", "affine_sample", "mahalanobis", "GaussianStats", "PatchGaussian"]
+__version__ = "0.1.0"

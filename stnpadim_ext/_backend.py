@@ -1,0 +1,64 @@
+"""Loads the compiled extension, or explains why the reference ops are used instead.
+
+`import stnpadim_ext` must never fail because `_C` is missing or broken: the ops then
+dispatch to their pure-PyTorch references and `backend_info()` says why.
+"""
+import os
+import warnings
+
+import torch
+
+_fallback_reason = None
+
+
+def _load():
+    global _fallback_reason
+    if os.environ.get("STNPADIM_NO_EXT", "0") == "1":
+        _fallback_reason = "disabled by STNPADIM_NO_EXT=1"
+        return False
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.stnpadim.*)
+    except Exception as exc:  # ImportError, OSError (bad .so), undefined symbols...
+        first_line = (str(exc).splitlines() or [""])[0]
+        _fallback_reason = f"stnpadim_ext._C failed to load: {type(exc).__name__}: {first_line}"
+        warnings.warn(f"{_fallback_reason}; using the pure-PyTorch reference ops (slower)",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+HAS_EXT = _load()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when the extension registered `stnpadim::op` for this device type."""
+    if not HAS_EXT:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"stnpadim::{op}", key)
+
+
+def use_extension(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether an op call on these tensors goes to the compiled kernel."""
+    return bool(tensors) and has_kernel(op, tensors[0].device.type)
+
+
+def backend_info() -> dict:
+    """How the ops run: extension loaded, CUDA kernels compiled and for which archs, threads."""
+    info = {
+        "extension": HAS_EXT,
+        "cuda_compiled": False,
+        "cuda_archs": [],
+        "openmp": False,
+        "openmp_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "fallback_reason": _fallback_reason,
+        "torch": torch.__version__,
+    }
+    if HAS_EXT:
+        fields = dict(kv.split("=", 1) for kv in torch.ops.stnpadim._build_info().split(";"))
+        archs = fields.get("cuda_archs", "")
+        info["cuda_archs"] = [a for a in archs.replace(" ", ";").split(";") if a]
+        info["openmp"] = fields.get("openmp") == "1"
+        info["cuda_compiled"] = fields.get("cuda") == "1"
+    return info
