@@ -4,7 +4,7 @@ Environment switches:
   STNPADIM_NO_EXT=1      install the pure-Python package (reference ops only)
   STNPADIM_FORCE_CUDA=1  compile the CUDA kernels even where auto-detection would not
   STNPADIM_NO_CUDA=1     CPU kernels only (fast local builds)
-  TORCH_CUDA_ARCH_LIST   CUDA archs; default Turing to Hopper plus PTX
+  TORCH_CUDA_ARCH_LIST   CUDA archs; default: the visible GPUs, else Turing to Hopper plus PTX
   DEBUG=1                -O0 -g
 """
 import glob
@@ -57,10 +57,17 @@ def extension_modules():
     extra = {"cxx": opt + ["-fopenmp", "-fdiagnostics-color=always"]}
     kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"], py_limited_api=True)
     if use_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+            # A visible GPU: build for it alone (torch's own default); none: the wide default.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = (
+                ";".join("{}.{}".format(*torch.cuda.get_device_capability(i))
+                         for i in range(torch.cuda.device_count()))
+                if torch.cuda.is_available() else DEFAULT_CUDA_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += sorted(str(p) for p in CSRC.rglob("*.cu"))
-        define_macros += [("STNPADIM_WITH_CUDA", None), ("STNPADIM_CUDA_ARCHS", f'"{archs}"')]
+        # Shell-safe token (no quotes, ';' or spaces); init.cpp stringifies it.
+        arch_token = "_".join(archs.replace(";", " ").split())
+        define_macros += [("STNPADIM_WITH_CUDA", None), ("STNPADIM_CUDA_ARCHS", arch_token)]
         extra["nvcc"] = opt + ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] += _pip_cuda_include_dirs()
         ext = CUDAExtension("stnpadim_ext._C", sources, define_macros=define_macros,

@@ -16,6 +16,9 @@ PyObject* PyInit__C(void) {
 }
 }
 
+#define STNPADIM_STR_(...) #__VA_ARGS__
+#define STNPADIM_STR(...) STNPADIM_STR_(__VA_ARGS__)
+
 namespace stnpadim {
 namespace {
 
@@ -29,7 +32,8 @@ std::string build_info() {
 #endif
   info += ";cuda_archs=";
 #ifdef STNPADIM_CUDA_ARCHS
-  info += STNPADIM_CUDA_ARCHS;
+  info += STNPADIM_STR(STNPADIM_CUDA_ARCHS);  // archs joined by '_'
+
 #endif
   info += ";openmp=";
 #ifdef _OPENMP

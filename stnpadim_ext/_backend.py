@@ -3,6 +3,7 @@
 `import stnpadim_ext` must never fail because `_C` is missing or broken: the ops then
 dispatch to their pure-PyTorch references and `backend_info()` says why.
 """
+import functools
 import os
 import warnings
 
@@ -30,12 +31,15 @@ def _load():
 HAS_EXT = _load()
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, device_type: str) -> bool:
     """True when the extension registered `stnpadim::op` for this device type."""
-    if not HAS_EXT:
+    if not HAS_EXT or device_type not in ("cpu", "cuda"):
         return False
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"stnpadim::{op}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"stnpadim::{op}", device_type.upper())
+    except RuntimeError:  # op not defined in this build
+        return False
 
 
 def use_extension(op: str, *tensors: torch.Tensor) -> bool:
@@ -58,7 +62,7 @@ def backend_info() -> dict:
     if HAS_EXT:
         fields = dict(kv.split("=", 1) for kv in torch.ops.stnpadim._build_info().split(";"))
         archs = fields.get("cuda_archs", "")
-        info["cuda_archs"] = [a for a in archs.replace(" ", ";").split(";") if a]
+        info["cuda_archs"] = [a for a in archs.split("_") if a]
         info["openmp"] = fields.get("openmp") == "1"
         info["cuda_compiled"] = fields.get("cuda") == "1"
     return info

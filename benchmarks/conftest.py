@@ -1,0 +1,71 @@
+"""Benchmark session: measures the machine's matmul and copy rates, prints the ratio table.
+
+Run: `pytest benchmarks --benchmark-enable` (add --benchmark-json=FILE for the gate).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ratios import case_table, format_table
+
+_rates: dict[str, dict] = {}
+
+
+def _best_of(fn, repeats=5):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine_rates(device: str = "cpu") -> dict:
+    """Measured fp32 matmul GFLOP/s and copy GB/s: the ceilings we report against."""
+    if device not in _rates:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        n = 8192 if device == "cuda" else 2048
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        src = torch.empty(512 * 2**20 // 4 if device == "cuda" else 64 * 2**20 // 4, device=device)
+        dst = torch.empty_like(src)
+
+        def mm():
+            torch.mm(a, b)
+            sync()
+
+        def copy():
+            dst.copy_(src)
+            sync()
+
+        _rates[device] = {"matmul_gflops": 2 * n**3 / _best_of(mm) / 1e9,
+                          "copy_gbps": 2 * src.numel() * 4 / _best_of(copy) / 1e9}
+    return _rates[device]
+
+
+def _devices(records) -> list[str]:
+    cuda = any("cuda" in str(r["extra_info"].get("case", "")) for r in records)
+    return ["cpu"] + (["cuda"] if cuda and torch.cuda.is_available() else [])
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["stnpadim_cases"] = case_table(output_json["benchmarks"])
+    output_json["stnpadim_rates"] = {d: machine_rates(d) for d in _devices(output_json["benchmarks"])}
+    output_json["stnpadim_threads"] = torch.get_num_threads()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    records = [b.as_dict(include_data=False) for b in session.benchmarks]
+    terminalreporter.section("stnpadim: speed-up over the anchor, same run")
+    for device in _devices(records):
+        r = machine_rates(device)
+        cases = {k: v for k, v in case_table(records).items() if ("cuda" in k) == (device == "cuda")}
+        terminalreporter.write_line(
+            f"{device}: measured ceilings {r['matmul_gflops']:.0f} GFLOP/s fp32 matmul, "
+            f"{r['copy_gbps']:.0f} GB/s copy; {torch.get_num_threads()} threads")
+        terminalreporter.write_line(format_table(cases, r["matmul_gflops"], r["copy_gbps"]))
