@@ -1,0 +1,131 @@
+"""Image loading in every common mode, and the batching of `images` arguments."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stnpadim_ext.data.images import check_batch, iter_batches, list_images, load_image
+from stnpadim_ext.errors import InputError
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()
+
+
+def _rgb_equal(tensor, expected_hw3):
+    assert tensor.shape == (3,) + expected_hw3.shape[:2] and tensor.dtype == torch.float32
+    torch.testing.assert_close(tensor.permute(1, 2, 0), torch.from_numpy(expected_hw3).float(),
+                               atol=1e-6, rtol=0)
+
+
+def test_rgb_and_grayscale(tmp_path, rng):
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    _rgb_equal(load_image(tmp_path / "rgb.png"), rgb / 255.0)
+    grey = rng.integers(0, 256, (5, 7), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    _rgb_equal(load_image(tmp_path / "grey.png"), np.repeat(grey[..., None], 3, 2) / 255.0)
+    Image.fromarray(grey > 127).save(tmp_path / "bits.png")  # mode "1"
+    _rgb_equal(load_image(tmp_path / "bits.png"), np.repeat((grey > 127)[..., None], 3, 2) * 1.0)
+
+
+def test_rgba_and_la_composite_onto_black(tmp_path, rng):
+    rgba = rng.integers(0, 256, (6, 4, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    alpha = rgba[..., 3:] / 255.0
+    expected = rgba[..., :3] / 255.0 * alpha
+    got = load_image(tmp_path / "rgba.png")
+    assert (got.permute(1, 2, 0).numpy() - expected).__abs__().max() <= 1.5 / 255  # 8-bit blend
+    la = rgba[..., [0, 3]]
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    expected = np.repeat(la[..., :1] / 255.0 * la[..., 1:] / 255.0, 3, 2)
+    assert (load_image(tmp_path / "la.png").permute(1, 2, 0).numpy() - expected).__abs__().max() <= 1.5 / 255
+
+
+def test_16_bit_grayscale_uses_its_full_range(tmp_path, rng):
+    values = rng.integers(0, 65536, (5, 6), dtype=np.uint16)
+    values[0, 0] = 100  # a dark 16-bit image must not be read as 8-bit
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    _rgb_equal(load_image(tmp_path / "deep.png"), np.repeat(values[..., None], 3, 2) / 65535.0)
+    dark = (values // 1000).astype(np.uint16)
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    _rgb_equal(load_image(tmp_path / "dark.png"), np.repeat(dark[..., None], 3, 2) / 65535.0)
+
+
+def test_palette_images(tmp_path, rng):
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (4, 5), dtype=np.uint8)
+    img = Image.fromarray(index, "P")
+    img.putpalette(palette.ravel().tolist())
+    img.save(tmp_path / "pal.png")
+    _rgb_equal(load_image(tmp_path / "pal.png"), palette[index] / 255.0)
+    img.info["transparency"] = int(index[0, 0])
+    img.save(tmp_path / "pal_t.png", transparency=int(index[0, 0]))
+    expected = np.where((index == index[0, 0])[..., None], 0.0, palette[index] / 255.0)
+    _rgb_equal(load_image(tmp_path / "pal_t.png"), expected)
+
+
+def test_resize_and_jpeg(tmp_path, rng):
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    assert load_image(tmp_path / "a.jpg", size=16).shape == (3, 16, 16)
+    assert load_image(tmp_path / "a.jpg", size=(8, 12)).shape == (3, 8, 12)
+    flat = np.full((20, 20, 3), 77, np.uint8)
+    Image.fromarray(flat).save(tmp_path / "flat.png")
+    torch.testing.assert_close(load_image(tmp_path / "flat.png", size=7), torch.full((3, 7, 7), 77 / 255))
+
+
+def test_bad_files(tmp_path, rng):
+    with pytest.raises(InputError, match="missing.png: no such image file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(InputError, match="zero.png: empty file"):
+        load_image(tmp_path / "zero.png")
+    (tmp_path / "text.png").write_text("not an image at all")
+    with pytest.raises(InputError, match="text.png: not a readable image"):
+        load_image(tmp_path / "text.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="cut.png: not a readable image"):
+        load_image(tmp_path / "cut.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.jpg: not a readable image"):
+        load_image(tmp_path / "cut.jpg")
+
+
+def test_list_images_and_folder_batches(tmp_path, rng):
+    with pytest.raises(InputError, match="no such folder"):
+        list_images(tmp_path / "nope")
+    with pytest.raises(InputError, match="no images found"):
+        list_images(tmp_path)
+    for name in ("b.png", "a.png", "c.PNG"):
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(tmp_path / name, format="PNG")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.png", "b.png", "c.PNG"]
+    batches = list(iter_batches(tmp_path, batch_size=2))
+    assert [b.shape[0] for b in batches] == [2, 1] and batches[0].shape[1:] == (3, 6, 6)
+    Image.fromarray(rng.integers(0, 256, (9, 6, 3), dtype=np.uint8)).save(tmp_path / "d.png")
+    with pytest.raises(InputError, match="different sizes"):
+        list(iter_batches(tmp_path, batch_size=8))
+    assert next(iter_batches(tmp_path, batch_size=8, size=5)).shape == (4, 3, 5, 5)
+
+
+def test_tensor_and_iterable_inputs():
+    x = torch.rand(5, 3, 8, 8)
+    assert [b.shape[0] for b in iter_batches(x, batch_size=2)] == [2, 2, 1]
+    assert next(iter_batches(torch.rand(3, 8, 8))).shape == (1, 3, 8, 8)
+    assert next(iter_batches(torch.rand(2, 1, 8, 8))).shape == (2, 3, 8, 8)
+    loader = [{"image": x[:2], "mask": None}, (x[2:], torch.zeros(3))]
+    assert [b.shape[0] for b in iter_batches(loader)] == [2, 3]
+    with pytest.raises(InputError, match="float"):
+        check_batch(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+    with pytest.raises(InputError, match="channels"):
+        check_batch(torch.zeros(1, 4, 4, 4))
+    with pytest.raises(InputError, match="empty"):
+        list(iter_batches([]))
+    with pytest.raises(InputError, match="'image' key"):
+        list(iter_batches([{"img": x}]))

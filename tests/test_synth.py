@@ -1,0 +1,214 @@
+"""The synthetic MVTec-format generator: layout, determinism, exact masks, poses."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from stnpadim_ext.data import synth
+from stnpadim_ext.data.synth import CATEGORIES, DEFECTS, make_dataset
+from stnpadim_ext.errors import InputError
+
+SIZE = 64
+COUNTS = dict(n_train=5, n_test_good=3, n_test_defect=2)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    names = make_dataset(root, seed=3, image_size=SIZE, progress=False, **COUNTS)
+    return root, names
+
+
+def _meta(root, name):
+    return json.loads((root / name / "meta.json").read_text())
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _part_mask(angle, shift, size=SIZE):
+    """Where the part is at this pose, from its signed distance function."""
+    part = synth._Part(np.random.default_rng(0), size)
+    return part.sdf(*synth._Grid(size, angle, shift).xy()) < 0
+
+
+def test_layout_names_and_modes(dataset):
+    root, names = dataset
+    assert names == list(CATEGORIES)
+    assert {"fabric", "grain", "part_aligned", "part_drift", "part_random"} <= set(names)
+    for name in names:
+        cat = root / name
+        train = sorted(p.name for p in (cat / "train" / "good").iterdir())
+        assert train == [f"{i:03d}.png" for i in range(COUNTS["n_train"])]
+        assert sorted(p.name for p in (cat / "test").iterdir()) == sorted(("good",) + DEFECTS)
+        assert len(list((cat / "test" / "good").iterdir())) == COUNTS["n_test_good"]
+        assert not (cat / "ground_truth" / "good").exists()
+        for defect in DEFECTS:
+            images = sorted(p.name for p in (cat / "test" / defect).iterdir())
+            masks = sorted(p.name for p in (cat / "ground_truth" / defect).iterdir())
+            assert images == [f"{i:03d}.png" for i in range(COUNTS["n_test_defect"])]
+            assert masks == [f"{i:03d}_mask.png" for i in range(COUNTS["n_test_defect"])]
+            for image_name in images:
+                with Image.open(cat / "test" / defect / image_name) as img:
+                    assert (img.mode, img.size) == ("RGB", (SIZE, SIZE))
+                with Image.open(cat / "ground_truth" / defect / image_name.replace(".png", "_mask.png")) as m:
+                    assert (m.mode, m.size) == ("L", (SIZE, SIZE))
+                    values = np.asarray(m)
+                assert set(np.unique(values)) == {0, 255}
+        meta = _meta(root, name)
+        assert meta["spec"] == CATEGORIES[name]
+        assert len(meta["images"]) == sum(1 for _ in (cat / "test").rglob("*.png")) + COUNTS["n_train"]
+
+
+def test_same_seed_same_bytes_independent_of_other_categories(dataset, tmp_path):
+    root, _ = dataset
+    make_dataset(tmp_path / "a", categories=["part_drift", "grain"], seed=3, image_size=SIZE,
+                 progress=False, **COUNTS)
+    for name in ("part_drift", "grain"):
+        assert _files(tmp_path / "a" / name) == _files(root / name)
+
+
+def test_other_seed_other_images(dataset, tmp_path):
+    root, _ = dataset
+    make_dataset(tmp_path, categories=["fabric"], seed=4, image_size=SIZE, progress=False, **COUNTS)
+    a = _files(root / "fabric")
+    b = _files(tmp_path / "fabric")
+    assert a.keys() == b.keys()
+    assert sum(a[k] != b[k] for k in a if k.endswith(".png")) == len([k for k in a if k.endswith(".png")])
+
+
+def test_mask_matches_defect_pixels_exactly():
+    """The defect changes exactly the pixels of its mask (after 8-bit quantisation, all
+    changes inside the mask, nearly all mask pixels changed)."""
+    for name in ("fabric", "grain", "mesh", "part_random"):
+        family = synth._family(name, seed=11, size=96)
+        for i, kind in enumerate(DEFECTS * 2):
+            rng = np.random.default_rng([i, len(name)])
+            sample = family.render(rng, float(rng.uniform(-180, 180)), (1.0, -2.0))
+            image, mask = synth._add_defect(kind, sample, family, rng)
+            changed = (synth._to_uint8(image) != synth._to_uint8(sample.image)).any(-1)
+            assert mask.sum() >= 12, (name, kind)
+            assert not (changed & ~mask).any(), (name, kind)
+            assert changed[mask].mean() > 0.85, (name, kind, changed[mask].mean())
+            if family.kind == "object":  # on the part, off its anti-aliased rim
+                assert (sample.sdf[mask] < -1.0).all(), (name, kind)
+
+
+def test_defect_sizes_visible_but_small(dataset):
+    root, names = dataset
+    for name in names:
+        for entry in _meta(root, name)["images"].values():
+            if entry["defect"]:
+                fraction = entry["defect_pixels"] / SIZE ** 2
+                assert 0.002 < fraction < 0.05, (name, entry)
+
+
+def test_object_defects_lie_on_the_part_at_its_recorded_pose(dataset):
+    root, _ = dataset
+    for name in ("part_aligned", "part_drift", "part_random"):
+        for rel, entry in _meta(root, name)["images"].items():
+            if entry["mask"]:
+                mask = np.asarray(Image.open(root / name / entry["mask"])) > 0
+                on_part = _part_mask(entry["angle"], entry["shift"])
+                assert (mask <= on_part).all(), (name, rel)
+
+
+def test_pose_ranges(dataset):
+    root, _ = dataset
+    limit = synth.SHIFT_FRACTION * SIZE
+    poses = {name: _meta(root, name)["images"] for name in ("part_aligned", "part_drift", "part_random")}
+    for rel, e in list(poses["part_aligned"].items()) + [
+            (r, e) for r, e in poses["part_drift"].items() if r.startswith("train")]:
+        assert abs(e["angle"]) <= 1.0 and max(map(abs, e["shift"])) <= 1.0, rel
+    drift_test = [e for r, e in poses["part_drift"].items() if r.startswith("test")]
+    assert all(abs(e["angle"]) <= 30.0 and max(map(abs, e["shift"])) <= limit for e in drift_test)
+    assert max(abs(e["angle"]) for e in drift_test) > 10.0  # really drifts, good and defective
+    assert any(e["defect"] is None and abs(e["angle"]) > 3.0 for e in drift_test)
+    random = list(poses["part_random"].values())
+    assert all(-180.0 <= e["angle"] < 180.0 and max(map(abs, e["shift"])) <= limit for e in random)
+    angles = [e["angle"] for e in random]
+    assert max(angles) - min(angles) > 180.0
+    assert any(abs(e["angle"]) > 30.0 for r, e in poses["part_random"].items() if r.startswith("train"))
+
+
+def test_theta_warps_image_back_to_canonical_pose(dataset):
+    """affine_grid/grid_sample with the recorded theta puts the part, as seen in the PNG,
+    onto the canonical part."""
+    root, _ = dataset
+    canonical = torch.from_numpy(_part_mask(0.0, (0.0, 0.0)))
+    meta = _meta(root, "part_random")["images"]
+    for rel in ("train/good/000.png", "train/good/001.png", "test/good/000.png", "test/hole/001.png"):
+        entry = meta[rel]
+        rgb = np.asarray(Image.open(root / "part_random" / rel), dtype=np.float32) / 255
+        seen = torch.from_numpy((rgb.mean(-1) > 0.4).astype(np.float32))[None, None]  # metal vs ground
+        theta = torch.tensor([entry["theta"]], dtype=torch.float32)
+        grid = F.affine_grid(theta, (1, 1, SIZE, SIZE), align_corners=False)
+        back = F.grid_sample(seen, grid, align_corners=False)[0, 0] > 0.5
+        iou = (back & canonical).sum() / (back | canonical).sum()
+        assert iou > 0.85, (rel, float(iou))
+        c, s = math.cos(math.radians(entry["angle"])), math.sin(math.radians(entry["angle"]))
+        assert np.allclose(entry["theta"], [[c, s, 2 * entry["shift"][0] / SIZE],
+                                            [-s, c, 2 * entry["shift"][1] / SIZE]], atol=1e-6)
+
+
+def test_part_inside_frame_at_any_pose_and_asymmetric():
+    size, shift = 96, synth.SHIFT_FRACTION * 96
+    for angle in np.arange(-180, 180, 7.5):
+        for dx, dy in ((shift, shift), (-shift, shift), (shift, -shift), (-shift, -shift)):
+            mask = _part_mask(angle, (dx, dy), size)
+            border = np.r_[mask[0], mask[-1], mask[:, 0], mask[:, -1]]
+            assert not border.any(), (angle, dx, dy)
+    base = _part_mask(0.0, (0.0, 0.0), size)
+    others = [np.rot90(base, k) for k in (1, 2, 3)] + [base[:, ::-1], base[::-1]]
+    for other in others:  # no rotation or mirror maps the part onto itself
+        assert (base & other).sum() / (base | other).sum() < 0.8
+
+
+def test_textures_differ_between_families(dataset):
+    root, _ = dataset
+    means = {}
+    for name in ("fabric", "grain", "mesh"):
+        means[name] = np.asarray(Image.open(root / name / "train/good/000.png"), np.float32).mean((0, 1))
+        other = np.asarray(Image.open(root / name / "train/good/001.png"), np.float32)
+        first = np.asarray(Image.open(root / name / "train/good/000.png"), np.float32)
+        assert np.abs(first - other).mean() > 10  # different pieces, not copies
+    assert np.abs(means["fabric"] - means["grain"]).max() > 30
+    assert np.abs(means["mesh"] - means["grain"]).max() > 30
+
+
+def test_pose_parameter_overrides(tmp_path):
+    make_dataset(tmp_path, categories=["part_aligned", "fabric"], seed=0, image_size=SIZE,
+                 n_train=6, n_test_good=0, n_test_defect=0, pose={"part_aligned": "random"},
+                 progress=False)
+    meta = _meta(tmp_path, "part_aligned")
+    assert meta["spec"]["pose"] == "random"
+    assert max(abs(e["angle"]) for e in meta["images"].values()) > 30
+    assert _meta(tmp_path, "fabric")["spec"]["pose"] == "aligned"
+    assert not (tmp_path / "part_aligned" / "ground_truth").exists()
+
+
+def test_bad_arguments_and_overwrite_rules(tmp_path):
+    small = dict(image_size=32, n_train=1, n_test_good=1, n_test_defect=1, progress=False)
+    with pytest.raises(InputError, match="unknown synthetic categories"):
+        make_dataset(tmp_path, categories=["bottle"], **small)
+    with pytest.raises(InputError, match="unknown pose modes"):
+        make_dataset(tmp_path, categories=["fabric"], pose="sideways", **small)
+    with pytest.raises(InputError, match="image_size"):
+        make_dataset(tmp_path, categories=["fabric"], **{**small, "image_size": 8})
+    foreign = tmp_path / "fabric"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("user data")
+    with pytest.raises(InputError, match="not a synthetic set"):
+        make_dataset(tmp_path, categories=["fabric"], overwrite=True, **small)
+    assert (foreign / "precious.txt").read_text() == "user data"
+    make_dataset(tmp_path, categories=["grain"], **small)
+    with pytest.raises(InputError, match="already exists"):
+        make_dataset(tmp_path, categories=["grain"], **small)
+    make_dataset(tmp_path, categories=["grain"], overwrite=True, **{**small, "n_train": 2})
+    assert len(list((tmp_path / "grain" / "train" / "good").iterdir())) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fabric", "grain"]  # no temp left
