@@ -9,6 +9,7 @@ Environment switches:
 """
 import glob
 import os
+import shutil
 import site
 import sys
 from pathlib import Path
@@ -43,9 +44,23 @@ def _pip_cuda_include_dirs():
     return sorted({str(Path(d).resolve()) for d in dirs})
 
 
+def _locate_cuda_home():
+    # torch guesses CUDA_HOME as the parent of `which nvcc`'s folder; a wrapper script in
+    # /usr/local/bin makes that /usr/local, which has no CUDA runtime. Pick a real toolkit.
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ:
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([Path(nvcc).resolve().parent.parent] if nvcc else []) + [Path("/usr/local/cuda")]
+    for home in candidates:
+        if (home / "include" / "cuda_runtime.h").is_file():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
 def extension_modules():
     if _flag("STNPADIM_NO_EXT"):
         return [], {}
+    _locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

@@ -1,0 +1,4 @@
+"""`python -m stnpadim_ext ...`: the `stnpadim` command line."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""`stnpadim eval`: image/pixel AUROC, AUPRO and F1 per category; the Table-1-style table.
+
+Without --model, each category is fitted from its train/good images with the fit
+options; with an STN, plain PaDiM is fitted too (same backbone, size, channel subset) so
+the table compares PaDiM with STN+PaDiM, as the paper's Table 1 does.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..data.mvtec import list_categories, load_category
+from ..errors import InputError
+from ..models.padim import load
+from ..report import markdown_table, summarize, write_json, write_text
+from .experiment import ModelOptions, run_category
+from .parser import MODEL_OPTIONS, add_model_options, add_run_options
+
+
+def register(commands, common) -> None:
+    parser = commands.add_parser(
+        "eval", parents=[common], help="evaluate on MVTec-format test sets",
+        description="Fits a model per category (or takes --model) and reports image AUROC, "
+                    "pixel AUROC, AUPRO and image F1 as a markdown table.")
+    parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
+    parser.add_argument("--category", nargs="+", metavar="C",
+                        help="categories (default: every folder of ROOT with train/good)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help="evaluate this model file (one category) instead of fitting")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--table", metavar="FILE", help="write the markdown table")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="with an STN, skip the plain PaDiM comparison column")
+    add_model_options(parser)
+    add_run_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    # Everything is checked before minutes of fitting, not after.
+    for name in (args.json, args.table):
+        if name is not None and Path(name).is_dir():
+            raise InputError(f"{name}: is a folder; give a file name")
+    given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
+    if args.model is not None and given:
+        raise InputError(f"--model evaluates a fitted model; fit options cannot apply to it: "
+                         f"{', '.join(given)}")
+    names = list(dict.fromkeys(args.category or list_categories(args.data)))
+    if args.model is not None and len(names) != 1:
+        raise InputError(f"--model evaluates one category; got {len(names)} ({', '.join(names)}): "
+                         "pass --category C")
+    categories = [load_category(args.data, name) for name in names]
+    for category in categories:
+        if not category.test_items:
+            raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
+    if args.model is not None:
+        arms = _evaluate_model_file(args, categories)
+    else:
+        arms = _fit_and_evaluate(args, categories)
+    table = markdown_table(arms)
+    print(table, end="")
+    labels = list(arms)
+    results = dict(arms[labels[-1]])
+    if len(labels) == 2:
+        results["baseline"] = arms[labels[0]]
+    if args.json:
+        write_json(args.json, results)
+    if args.table:
+        write_text(args.table, table)
+    return 0
+
+
+def _evaluate_model_file(args, categories) -> dict:
+    options = ModelOptions.from_args(args)
+    model = load(args.model, device=options.device, batch_size=options.batch_size,
+                 progress=args.progress)
+    metrics, _, _ = run_category(categories[0], options, args.progress, model=model)
+    label = "PaDiM" if model.stn is None else "STN+PaDiM"
+    return {label: summarize({categories[0].name: metrics})}
+
+
+def _fit_and_evaluate(args, categories) -> dict:
+    options = ModelOptions.from_args(args)
+    arms = [options]
+    if options.stn != "none" and not args.no_baseline:
+        arms.insert(0, replace(options, stn="none"))
+    per_arm = {arm.label: {} for arm in arms}
+    for category in categories:
+        for arm in arms:
+            metrics, _, _ = run_category(category, arm, args.progress)
+            per_arm[arm.label][category.name] = metrics
+    return {label: summarize(per_category) for label, per_category in per_arm.items()}

@@ -1,0 +1,41 @@
+"""`stnpadim fit`: fits a model on one category's train/good images and saves it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.mvtec import load_category
+from ..errors import InputError
+from .experiment import ModelOptions, fit_model
+from .parser import add_model_options, add_run_options
+
+
+def register(commands, common) -> None:
+    parser = commands.add_parser(
+        "fit", parents=[common], help="fit a model on good images and save it",
+        description="Fits PaDiM (behind a self-supervised STN unless --stn none) on "
+                    "ROOT/CATEGORY/train/good and writes the model file.")
+    parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
+    parser.add_argument("--category", required=True, metavar="C", help="category folder name")
+    parser.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
+    add_model_options(parser)
+    add_run_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    if out.is_dir():  # checked before minutes of fitting, not after
+        raise InputError(f"{out}: is a folder; give a file name for the model")
+    category = load_category(args.data, args.category)
+    options = ModelOptions.from_args(args)
+    model, info = fit_model(category.train_paths, options, args.progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    line = (f"fitted {options.label} ({options.backbone}) on {len(category.train_paths)} images "
+            f"of {category.name} in {info['fit_seconds']:.1f} s")
+    alignment = info.get("stn_history", {}).get("val_alignment")
+    if alignment:
+        line += (f"; STN held-out error {alignment['rotation_deg']:.2f} deg, "
+                 f"{alignment['translation_px']:.2f} px")
+    print(f"{line}; saved {out}")
+    return 0

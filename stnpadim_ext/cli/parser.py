@@ -1,0 +1,135 @@
+"""The argument parser: subcommands, shared option groups and value checks.
+
+Every parse error becomes an InputError, so `main` prints it as one line and exits 2
+(argparse's own handler would print the usage block as well).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..errors import InputError
+from ..models.backbones import BACKBONES
+from .experiment import ModelOptions
+
+STN_CHOICES = ("reconstruct", "canonical", "none")
+COMMANDS = ("demo", "fit", "score", "eval", "synth")
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors raise InputError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
+def build_parser() -> Parser:
+    """The `stnpadim` parser with one subparser per command (each sets `run`)."""
+    from . import demo, evaluate, fit, score, synth  # the commands register themselves
+
+    parser = Parser(prog="stnpadim", description="PaDiM anomaly detection with a "
+                    "self-supervised Spatial Transformer (STN).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    common = common_options()
+    for module in (demo, fit, score, evaluate, synth):
+        module.register(commands, common)
+    return parser
+
+
+def common_options() -> Parser:
+    """Options every command takes (a parent parser)."""
+    parent = Parser(add_help=False)
+    parent.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: when stderr is a terminal)")
+    return parent
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options that define how a model is fitted (fit, eval without --model).
+
+    Defaults are None here, filled in by ModelOptions, so a command can tell which ones
+    the user gave.
+    """
+    defaults = ModelOptions()
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", choices=list(BACKBONES),
+                       help=f"feature extractor (default: {defaults.backbone}, works offline)")
+    group.add_argument("--weights", metavar="FILE", help="backbone state-dict file (for "
+                       "resnet18 / wide_resnet50_2 when torchvision's cache lacks them)")
+    group.add_argument("--stn", choices=STN_CHOICES,
+                       help=f"STN objective, or none for plain PaDiM (default: {defaults.stn})")
+    group.add_argument("--stn-epochs", type=at_least(1), metavar="N",
+                       help="maximum STN training epochs (default: the trainer's, per "
+                            "objective; training stops early when validation stalls)")
+    group.add_argument("--image-size", type=at_least(32), metavar="PX",
+                       help=f"images are resized to PX x PX (default: {defaults.image_size})")
+    group.add_argument("--center-crop", type=at_least(32), metavar="PX",
+                       help="then crop PX x PX from the centre (the PaDiM paper: 256 + 224)")
+    group.add_argument("--n-features", type=at_least(1), metavar="N",
+                       help="embedding channels kept (default: the backbone's)")
+    group.add_argument("--seed", type=at_least(0),
+                       help=f"seed of the channel subset and the STN training (default: {defaults.seed})")
+
+
+MODEL_OPTIONS = ("backbone", "weights", "stn", "stn_epochs", "image_size", "center_crop",
+                 "n_features", "seed")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of how any model runs."""
+    parser.add_argument("--device", type=device,
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--batch-size", type=at_least(1), metavar="N",
+                        help=f"images per forward pass (default: {ModelOptions().batch_size})")
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """argparse type: a torch device string this machine has."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has "
+                                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

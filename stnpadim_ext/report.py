@@ -1,0 +1,235 @@
+"""Reports: heatmap overlay PNGs, scores CSV, results JSON and the Table-1-style table.
+
+Every writer goes through `atomic_file`: the output is written to a temporary file beside
+the target and renamed over it, so an interrupted run never leaves a half-written file.
+
+Results dicts share one shape, the one `stnpadim eval --json` writes:
+    {"categories": {category: {"image_auroc": float | None, ...}}, "mean": {...}}
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import InputError
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
+# The columns of the printed table, as in the paper's Table 1 (plus AUPRO).
+TABLE_METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
+
+# Anchor colours of the "jet" colormap at 0, 1/8, 3/8, 5/8, 7/8, 1: blue (normal) to red.
+_JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+_JET_RGB = np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0],
+                     [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; outputs get the permissions a plain open() would give.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+# ----------------------------------------------------------------------------------------
+# Writing files
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds.
+
+    Creates the parent folders. A folder at `path`, or a parent that cannot be created,
+    is an InputError naming it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` (UTF-8) to `path` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Writes `obj` as indented JSON (NaN written as null) to `path` atomically."""
+    return write_text(path, json.dumps(_nan_to_none(obj), indent=2) + "\n")
+
+
+def write_scores_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Writes one CSV row per dict (columns: the first row's keys, in order) atomically."""
+    rows = list(rows)
+    if not rows:
+        raise InputError(f"{path}: no scores to write")
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Writes a uint8 [H, W, 3] array as a PNG, atomically."""
+    with atomic_file(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_heatmap(path: str | os.PathLike, image, amap, vmin: float, vmax: float,
+                  alpha: float = 0.5) -> Path:
+    """Writes the overlay of `amap` on `image` as a PNG, atomically (arguments: `overlay`)."""
+    return write_image(path, overlay(image, amap, vmin, vmax, alpha))
+
+
+# ----------------------------------------------------------------------------------------
+# Heatmaps
+
+
+def to_rgb8(image) -> np.ndarray:
+    """float [3, H, W] in [0, 1] (tensor or array), or uint8 [H, W, 3] -> uint8 [H, W, 3]."""
+    rgb = _numpy(image)
+    if rgb.dtype == np.uint8:
+        return rgb
+    return np.rint(np.clip(rgb.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+
+
+def colorize(amap, vmin: float, vmax: float) -> np.ndarray:
+    """Anomaly map [H, W] -> uint8 [H, W, 3] jet colours, vmin blue ... vmax red."""
+    amap = _numpy(amap).astype(np.float64)
+    span = max(float(vmax) - float(vmin), 1e-12)
+    t = np.clip((amap - vmin) / span, 0.0, 1.0)
+    rgb = np.stack([np.interp(t, _JET_X, _JET_RGB[:, c]) for c in range(3)], axis=-1)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+def overlay(image, amap, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
+    """Blends the colorized map onto the image; returns uint8 [H, W, 3] at the image's size.
+
+    Args:
+        image: float [3, H, W] in [0, 1] (tensor or array) or uint8 [H, W, 3].
+        amap: anomaly map [h, w] (bilinearly resized to H, W when different).
+        vmin, vmax: colour range of the map.
+        alpha: weight of the colour map, in [0, 1].
+    """
+    rgb = to_rgb8(image)
+    amap = torch.as_tensor(_numpy(amap), dtype=torch.float32)
+    if tuple(amap.shape) != rgb.shape[:2]:
+        amap = torch.nn.functional.interpolate(amap[None, None], size=rgb.shape[:2],
+                                               mode="bilinear", align_corners=False)[0, 0]
+    heat = colorize(amap.numpy(), vmin, vmax).astype(np.float32)
+    return _blend(rgb, heat, alpha)
+
+
+def mask_overlay(image, mask, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
+    """The image with its ground-truth mask [H, W] (bool) tinted in `colour`: uint8 [H, W, 3]."""
+    rgb = to_rgb8(image)
+    mask = _numpy(mask).astype(bool)
+    tint = np.where(mask[..., None], np.asarray(colour, np.float32), rgb.astype(np.float32))
+    return _blend(rgb, tint, alpha)
+
+
+def _blend(rgb: np.ndarray, other: np.ndarray, alpha: float) -> np.ndarray:
+    blend = (1.0 - alpha) * rgb.astype(np.float32) + alpha * other
+    return np.rint(blend).clip(0, 255).astype(np.uint8)
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------
+# Results and the table
+
+
+def summarize(categories: dict[str, dict]) -> dict:
+    """{"categories": categories, "mean": per-key mean over categories (None values skipped)}."""
+    keys = list(dict.fromkeys(k for metrics in categories.values() for k in metrics))
+    mean = {}
+    for key in keys:
+        values = [m[key] for m in categories.values() if _is_number(m.get(key))]
+        mean[key] = float(np.mean(values)) if values else None
+    return {"categories": dict(categories), "mean": mean}
+
+
+def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_METRICS),
+                   groups: dict[str, list[str]] | None = None, digits: int = 3) -> str:
+    """The Table-1-style comparison: one row per category, a column per metric and arm.
+
+    Args:
+        arms: {label: results} in column order, e.g. {"PaDiM": ..., "STN+PaDiM": ...};
+            each results dict as written by `summarize`.
+        metrics: metric keys to show (TABLE_METRICS gives their headers).
+        groups: optional {name: categories} adding a mean row per group (e.g. textures,
+            objects) before the overall mean row.
+        digits: decimals shown.
+
+    Returns:
+        GitHub markdown, ending with a newline.
+    """
+    metrics = list(metrics)
+    labels = list(arms)
+    categories = list(dict.fromkeys(c for r in arms.values() for c in r["categories"]))
+    header = ["category"] + [f"{TABLE_METRICS.get(m, m)} {label}" for m in metrics for label in labels]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+
+    def row(name: str, values_of) -> str:
+        cells = [_fmt(values_of(label).get(m), digits) for m in metrics for label in labels]
+        return "| " + " | ".join([name] + cells) + " |"
+
+    for category in categories:
+        lines.append(row(category, lambda label: arms[label]["categories"].get(category, {})))
+    for name, members in (groups or {}).items():
+        present = [c for c in members if c in categories]
+        if present:
+            lines.append(row(f"mean ({name})", lambda label: summarize(
+                {c: arms[label]["categories"][c] for c in present
+                 if c in arms[label]["categories"]})["mean"]))
+    lines.append(row("**mean**", lambda label: arms[label]["mean"]))
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value, digits: int) -> str:
+    return f"{value:.{digits}f}" if _is_number(value) else "n/a"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
