@@ -5,9 +5,13 @@
     scores, maps = model.predict(test_images)
 """
 from ._backend import backend_info
+from .api import load, score
+from .models.padim import PaDiM
+from .models.stn import STN, train_stn
 from .ops.affine_sample import affine_sample
 from .ops.mahalanobis import mahalanobis
 from .stats import GaussianStats, PatchGaussian
 
-__all__ = ["backend_info", "affine_sample", "mahalanobis", "GaussianStats", "PatchGaussian"]
+__all__ = ["backend_info", "affine_sample", "mahalanobis", "GaussianStats", "PatchGaussian",
+           "PaDiM", "STN", "train_stn", "load", "score"]
 __version__ = "0.1.0"

@@ -1,0 +1,236 @@
+"""PaDiM end to end, ours vs anomalib's PadimModel: resnet18, 256x256, CPU.
+
+    pytest benchmarks/bench_padim.py --benchmark-enable
+
+Both sides run the same resnet18 architecture with the same weights (torchvision's ImageNet
+file when it is in torch.hub's cache, else one seeded random init loaded into both) and the
+same channel subset, so their maps agree and the comparison is like for like.
+
+- inference: a float batch [32, 3, 256, 256] in [0, 1] on the CPU -> scores and maps on the
+  CPU, normalisation included on both sides;
+- fit memory: peak resident memory of a fresh process fitting 256 images (streamed from a
+  generator, so the input does not count), timing = that process's wall time;
+- fit memory flatness: ours for N = 100 and N = 2000 images.
+
+Anchor cases skip when anomalib is not installed (`pip install anomalib`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from stnpadim_ext.models.backbones import TORCHVISION_FILES, torchvision_weights_path  # noqa: E402
+from stnpadim_ext.models.padim import PaDiM  # noqa: E402
+
+SIZE, BATCH, N_FIT = 256, 32, 256
+INFER_CASE = f"padim_infer:resnet18-{SIZE}-B{BATCH}-cpu"
+FIT_CASE = f"padim_fit_mem:resnet18-{SIZE}-N{N_FIT}-cpu"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resnet18_weights(folder: Path) -> Path:
+    """torchvision's ImageNet resnet18 file if cached, else a seeded random init saved once."""
+    cached = torchvision_weights_path("resnet18")
+    if cached.is_file():
+        return cached
+    import torchvision
+
+    path = folder / f"random-{TORCHVISION_FILES['resnet18']}"
+    if not path.is_file():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def batches(n: int, batch_size: int = BATCH, seed: int = 0):
+    """n random images in [0, 1], made batch by batch (nothing kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch_size):
+        yield torch.rand(min(batch_size, n - start), 3, SIZE, SIZE, generator=generator)
+
+
+def build_anomalib(weights: Path, idx: torch.Tensor):
+    """anomalib's PadimModel with our resnet18 weights and our channel subset."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from anomalib.models.image.padim.torch_model import PadimModel
+    model = PadimModel(backbone="resnet18", layers=["layer1", "layer2", "layer3"], pre_trained=False,
+                       n_features=idx.numel())
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    extractor = model.feature_extractor.feature_extractor
+    missing = set(extractor.state_dict()) - set(state)
+    assert not missing, f"timm resnet18 keys not in the torchvision file: {sorted(missing)[:3]}"
+    extractor.load_state_dict({k: v for k, v in state.items() if k in extractor.state_dict()})
+    model.idx.copy_(idx)
+    return model
+
+
+def anomalib_normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def anomalib_fit(model, images) -> None:
+    model.train()
+    with torch.no_grad():
+        for batch in images:
+            model(anomalib_normalise(batch))
+    model.fit()
+    model.eval()
+
+
+def anomalib_predict(model, x: torch.Tensor):
+    with torch.no_grad():
+        out = model(anomalib_normalise(x))
+    return out.pred_score.flatten(), out.anomaly_map[:, 0]
+
+
+# ---------------------------------------------------------------------------- fit worker
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def fit_worker(impl: str, n: int, weights: str) -> dict:
+    """Runs in a fresh process: builds the model, fits n streamed images, reports memory."""
+    import time
+
+    torch.manual_seed(0)
+    ours = PaDiM("resnet18", weights=weights, image_size=SIZE, progress=False, device="cpu")
+    model = ours if impl == "ours" else build_anomalib(Path(weights), ours.embedding.idx)
+    if impl != "ours":
+        del ours
+    base = _rss_mb("VmRSS")
+    start = time.perf_counter()
+    if impl == "ours":
+        model.fit(batches(n))
+    else:
+        anomalib_fit(model, batches(n))
+    return {"fit_s": time.perf_counter() - start, "base_rss_mb": base, "peak_rss_mb": _rss_mb("VmHWM")}
+
+
+def run_fit_worker(impl: str, n: int, weights: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, __file__, "fit-worker", impl, str(n), str(weights)],
+                         env=env, check=True, capture_output=True, text=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return resnet18_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def ours(weights):
+    model = PaDiM("resnet18", weights=weights, image_size=SIZE, progress=False, device="cpu")
+    return model.fit(batches(64, seed=1))
+
+
+@pytest.fixture(scope="module")
+def anomalib_model(weights, ours):
+    pytest.importorskip("anomalib", reason="anomalib is not installed: pip install anomalib")
+    model = build_anomalib(weights, ours.embedding.idx.clone())
+    anomalib_fit(model, batches(64, seed=1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_batch() -> torch.Tensor:
+    return next(batches(BATCH, seed=2))
+
+
+def _inference_cost(model: PaDiM, x: torch.Tensor) -> tuple[float, float]:
+    """(flops, minimal bytes) of one predict: backbone convs + the triangular Mahalanobis."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.embedding(x)
+    patches, c = model.gaussian.num_patches, model.n_features
+    flops = counter.get_total_flops() + x.shape[0] * patches * c * (c + 1)
+    weights = sum(p.numel() * p.element_size() for p in model.embedding.parameters())
+    gaussian = sum(t.numel() * t.element_size() for t in model.gaussian.state_dict().values())
+    io = x.numel() * 4 + x.shape[0] * x.shape[-2] * x.shape[-1] * 4
+    return float(flops), float(weights + gaussian + io)
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+def test_infer_ours(benchmark, ours, test_batch):
+    benchmark.group = INFER_CASE
+    flops, nbytes = _inference_cost(ours, test_batch)
+    benchmark.extra_info.update(role="ours", case=INFER_CASE, flops=flops, bytes=nbytes)
+    scores, maps = benchmark.pedantic(ours.predict, args=(test_batch,), rounds=3, warmup_rounds=1)
+    assert maps.shape == (BATCH, SIZE, SIZE)
+    benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.median
+
+
+def test_infer_anomalib(benchmark, anomalib_model, ours, test_batch):
+    benchmark.group = INFER_CASE
+    benchmark.extra_info.update(role="anchor", case=INFER_CASE, flops=0.0, bytes=0.0)
+    scores, maps = benchmark.pedantic(anomalib_predict, args=(anomalib_model, test_batch),
+                                      rounds=3, warmup_rounds=1)
+    benchmark.extra_info["images_per_second"] = BATCH / benchmark.stats.stats.median
+    # Like for like: same weights, same channels, same statistics -> the same maps.
+    our_scores, our_maps = ours.predict(test_batch)
+    torch.testing.assert_close(our_maps, maps, rtol=2e-2, atol=2e-2 * float(maps.mean()))
+    torch.testing.assert_close(our_scores, scores, rtol=2e-2, atol=0.0)
+
+
+# ---------------------------------------------------------------------------- fit memory
+
+
+def _fit_case(benchmark, impl: str, n: int, case: str, role: str, weights: Path) -> dict:
+    benchmark.group = case
+    result = {}
+
+    def run():
+        result.update(run_fit_worker(impl, n, weights))
+
+    benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+    benchmark.extra_info.update(role=role, case=case, flops=0.0, bytes=0.0,
+                                peak_rss_mb=result["peak_rss_mb"],
+                                peak_over_base_mb=result["peak_rss_mb"] - result["base_rss_mb"],
+                                fit_s=result["fit_s"])
+    return result
+
+
+def test_fit_memory_ours(benchmark, weights):
+    _fit_case(benchmark, "ours", N_FIT, FIT_CASE, "ours", weights)
+
+
+def test_fit_memory_anomalib(benchmark, weights):
+    pytest.importorskip("anomalib", reason="anomalib is not installed: pip install anomalib")
+    _fit_case(benchmark, "anomalib", N_FIT, FIT_CASE, "anchor", weights)
+
+
+@pytest.mark.parametrize("n", [100, pytest.param(2000, marks=pytest.mark.slow)])
+def test_fit_memory_flat_ours(benchmark, weights, n):
+    """Peak fit memory must not grow with N: compare the records' peak_rss_mb (N=2000 takes
+    about 10 minutes on 2 busy cores, hence slow: deselect with -m "not slow")."""
+    case = f"padim_fit_mem:resnet18-{SIZE}-N{n}-cpu"
+    _fit_case(benchmark, "ours", n, case, "ours", weights)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["fit-worker"]:
+    print(json.dumps(fit_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])))

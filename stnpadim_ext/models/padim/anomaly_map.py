@@ -1,0 +1,69 @@
+"""From per-patch distances to an anomaly map in the input image's frame.
+
+distance [B, P] -> [B, h, w] -> bilinear upsample to the model's input grid -> separable
+Gaussian blur (sigma 4, as the PaDiM paper and anomalib) -> resize, or warp back by the
+inverse of the STN / crop transform, into the input image's resolution.
+
+The blur runs on the model's input grid (image_size, or the crop), so sigma = 4 px means what
+it means in the paper at 224-256 px, whatever the resolution of the images handed in.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...ops.affine_sample import affine_sample
+
+
+def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised Gaussian taps [2r + 1], r = int(4 sigma + 0.5) (anomalib's / scipy's truncation)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).to(dtype)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of maps [B, H, W] with reflect borders (anomalib's GaussianBlur2d).
+
+    Two 1-D passes cost 2(2r+1) multiply-adds per pixel instead of (2r+1)^2 for the 2-D kernel.
+    """
+    kernel = gaussian_kernel1d(sigma, maps.device, maps.dtype)
+    radius = kernel.numel() // 2
+    height, width = maps.shape[-2:]
+    # reflect padding needs the pad to be shorter than the side; replicate beyond that.
+    mode = "reflect" if radius < min(height, width) else "replicate"
+    x = maps[:, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def distance_to_map(distance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
+                    sigma: float = 4.0) -> torch.Tensor:
+    """Distances [B, h*w] on the embedding grid -> smoothed map [B, *size] on the model's input grid."""
+    maps = distance.view(distance.shape[0], 1, *grid)
+    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(maps, sigma)
+
+
+def to_input_frame(maps: torch.Tensor, size: tuple[int, int],
+                   theta: torch.Tensor | None = None) -> torch.Tensor:
+    """Maps [B, S1, S2] on the model's input grid -> [B, *size] in the input image's frame.
+
+    Args:
+        maps: smoothed maps on the model's grid.
+        size: (H, W) of the input images.
+        theta: [B, 2, 3] affine_grid matrix taking input-frame normalised coordinates to the
+            model grid's (the inverse of the STN / crop transform), or None when the model
+            grid is just the resized input.
+
+    Input pixels whose source lies outside the model's view get 0 ("no evidence"): zeros
+    rather than border padding, so an edge value is never smeared over image regions the
+    model did not see; the image score (the max) is unaffected either way.
+    """
+    if theta is None:
+        if tuple(maps.shape[-2:]) == tuple(size):
+            return maps
+        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return affine_sample(maps[:, None], theta.to(maps.dtype), size=size, padding_mode="zeros")[:, 0]

@@ -1,0 +1,281 @@
+"""The public PaDiM model: fit on good images, score new ones, save, load.
+
+PaDiM (Defard et al., 2020, https://arxiv.org/abs/2011.08785) models every patch position's
+pretrained-CNN embedding as a Gaussian over the good training images and scores a test patch
+by its Mahalanobis distance. Here the fit streams through `GaussianStats` (memory does not
+grow with the number of images) and, with `stn=`, every image is first put in the STN's
+canonical pose and its anomaly map brought back to the input frame.
+
+Example:
+    >>> model = PaDiM(backbone="efficientnet_lite0").fit("data/bottle/train/good")
+    >>> scores, maps = model.predict(test_images)      # [B], [B, H, W]
+    >>> model.save("bottle.padim")
+    >>> scores, maps = load("bottle.padim").predict(test_images)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...data.images import iter_batches, resize
+from ...errors import InputError
+from ...ops.mahalanobis import mahalanobis
+from ...stats import GaussianStats, PatchGaussian
+from ..backbones import BACKBONES, build_backbone
+from ..stn import STN, invert_theta
+from .anomaly_map import distance_to_map, to_input_frame
+from .serialization import read_model_file, write_model_file
+from .torch_model import PadimEmbedding
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Images per backbone pass while fitting: caps the activation memory whatever the loader's
+# batch size (the statistics still take each loader batch in one update).
+FIT_CHUNK = 16
+
+
+class PaDiM:
+    """PaDiM anomaly detector, optionally behind a Spatial Transformer.
+
+    Args:
+        backbone: "efficientnet_lite0" (weights ship with the package: works offline),
+            "resnet18" or "wide_resnet50_2" (the paper's; torchvision weights from the
+            torch.hub cache or `weights`).
+        pretrained: load ImageNet weights (False: random init, explicitly).
+        weights: a backbone state-dict file to use instead of the default weights.
+        n_features: embedding channels kept (random fixed subset); default 100 for resnet18
+            and efficientnet_lite0, 550 for wide_resnet50_2.
+        image_size: side (or (H, W)) every image is resized to before the backbone.
+        stn: an `stnpadim_ext.STN` (or any module x -> (aligned, theta)); images are
+            aligned before the backbone at fit and predict time, maps are warped back.
+        device: torch device; default CUDA when available, else CPU.
+        center_crop: crop this side (or (H, W)) from the centre after resizing: the PaDiM
+            paper's pre-processing is image_size=256, center_crop=224. Map pixels outside
+            the crop are 0.
+        batch_size: images per forward pass for tensors and path lists.
+        backbone_dtype: "float32" (default), "float16" or "bfloat16": backbone compute
+            precision, for GPU inference; statistics and distances stay float32/float64.
+        seed: seed of the random channel subset.
+        eps: covariance regulariser (cov + eps * I), 0.01 as in the paper.
+        sigma: Gaussian blur of the anomaly map in model-input pixels, 4 as in the paper.
+        progress: show tqdm bars.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", pretrained: bool = True, weights=None,
+                 n_features: int | None = None, image_size: int | tuple[int, int] = 256,
+                 stn: nn.Module | None = None, device=None, *,
+                 center_crop: int | tuple[int, int] | None = None, batch_size: int = 32,
+                 backbone_dtype: str | None = None, seed: int = 0, eps: float = 0.01,
+                 sigma: float = 4.0, progress: bool = True):
+        if backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        self.image_size = _pair(image_size, "image_size", minimum=32)
+        self.center_crop = None if center_crop is None else _pair(center_crop, "center_crop", 32)
+        if self.center_crop and any(c > s for c, s in zip(self.center_crop, self.image_size)):
+            raise InputError(f"center_crop {self.center_crop} is larger than image_size {self.image_size}")
+        if int(batch_size) < 1:
+            raise InputError(f"batch_size must be >= 1; got {batch_size}")
+        if backbone_dtype not in (None, *DTYPES):
+            raise InputError(f"backbone_dtype must be one of {', '.join(DTYPES)}; got {backbone_dtype!r}")
+        self.device = torch.device(device if device is not None else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size, self.progress = int(batch_size), progress
+        self.backbone_dtype = backbone_dtype or "float32"
+        self.eps, self.sigma, self.seed = float(eps), float(sigma), int(seed)
+        self.backbone_name = backbone
+        self.embedding = PadimEmbedding(build_backbone(backbone, pretrained, weights), n_features,
+                                        seed, DTYPES[self.backbone_dtype]).to(self.device)
+        self.stn = None if stn is None else stn.to(self.device).eval()
+        self.gaussian: PatchGaussian | None = None
+        self.grid: tuple[int, int] | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.embedding.n_features
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) the backbone sees: the crop when center_crop is set, else image_size."""
+        return self.center_crop or self.image_size
+
+    @property
+    def config(self) -> dict:
+        """JSON-serialisable settings that rebuild this model (with its tensors)."""
+        return {"backbone": self.backbone_name, "n_features": self.n_features,
+                "image_size": list(self.image_size),
+                "center_crop": list(self.center_crop) if self.center_crop else None,
+                "seed": self.seed, "eps": self.eps, "sigma": self.sigma,
+                "grid": list(self.grid) if self.grid else None,
+                "stn": None if self.stn is None else _stn_config(self.stn)}
+
+    # ------------------------------------------------------------------ pre-processing
+
+    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images [B, 3, H, W] -> (backbone input [B, 3, *input_size], theta back or None).
+
+        theta back maps input-frame normalised coordinates to the backbone input's (the
+        inverse of STN alignment followed by the crop), for `to_input_frame`.
+        """
+        x = resize(x.to(self.device, torch.float32, non_blocking=True), self.image_size)
+        theta = None
+        if self.stn is not None:
+            x, forward_theta = self.stn(x)
+            theta = invert_theta(forward_theta)
+        if self.center_crop is not None:
+            x, theta = self._crop(x, theta)
+        return x, theta
+
+    def _crop(self, x: torch.Tensor, theta: torch.Tensor | None):
+        (height, width), (ch, cw) = self.image_size, self.center_crop
+        top, left = (height - ch) // 2, (width - cw) // 2
+        # The crop in normalised coordinates: a = centre + scale * u (u: crop coordinates).
+        scale = x.new_tensor([cw / width, ch / height])
+        centre = x.new_tensor([(2 * left + cw) / width - 1, (2 * top + ch) / height - 1])
+        if theta is None:
+            theta = torch.cat([torch.eye(2, device=x.device), torch.zeros(2, 1, device=x.device)], 1)
+            theta = theta.expand(x.shape[0], 2, 3)
+        theta = torch.cat([theta[:, :, :2], theta[:, :, 2:] - centre[:, None]], 2) / scale[:, None]
+        return x[:, :, top:top + ch, left:left + cw], theta
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, images) -> "PaDiM":
+        """Fits the per-patch Gaussians on good images, streaming (no embeddings kept).
+
+        With torch.distributed initialised, each process passes its own share of the images
+        (e.g. a DistributedSampler) and the statistics are summed over all processes, so
+        every process ends with the same model.
+
+        Args:
+            images: tensor [B, 3, H, W] in [0, 1], paths, a folder, or a DataLoader /
+                iterable of such tensors (or tuples/dicts whose first/"image" item is one).
+
+        Returns:
+            self.
+        """
+        grid = self.embedding.grid_size(*self.input_size)
+        stats = GaussianStats(grid[0] * grid[1], self.n_features, device=self.device)
+        with torch.no_grad(), self._bar(images, "PaDiM fit") as bar:
+            for batch in iter_batches(images, self.batch_size):
+                stats.update(self.embedding(self._prepare(batch)[0], chunk=FIT_CHUNK))
+                bar.update(batch.shape[0])
+        if dist.is_available() and dist.is_initialized():
+            stats.all_reduce()
+        self.gaussian, self.grid = stats.finalize(self.eps), grid
+        return self
+
+    # ------------------------------------------------------------------ predict
+
+    def predict(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly scores and maps in each input image's own resolution.
+
+        Args:
+            images: as for `fit`; all images of one call must share one size.
+
+        Returns:
+            scores [N] (max of each map) and maps [N, H, W] (Mahalanobis distances, upsampled
+            and blurred), float32 on the CPU.
+        """
+        scores, maps = [], []
+        with self._bar(images, "PaDiM predict") as bar:
+            for batch in iter_batches(images, self.batch_size):
+                batch_scores, batch_maps = self.predict_batch(batch)
+                scores.append(batch_scores.cpu())
+                maps.append(batch_maps.cpu())
+                bar.update(batch.shape[0])
+        if len({tuple(m.shape[-2:]) for m in maps}) > 1:
+            raise InputError("images of one predict call must share one size; got "
+                             f"{sorted({tuple(m.shape[-2:]) for m in maps})}")
+        return torch.cat(scores), torch.cat(maps)
+
+    @torch.no_grad()
+    def predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch x [B, 3, H, W] in [0, 1] -> (scores [B], maps [B, H, W]) on the model's device."""
+        if self.gaussian is None:
+            raise InputError("the model is not fitted: call fit(images) first (or load a saved model)")
+        inputs, theta = self._prepare(x)
+        emb = self.embedding(inputs)
+        if tuple(emb.shape[-2:]) != self.grid:
+            raise InputError(f"embedding grid {tuple(emb.shape[-2:])} differs from the fitted {self.grid}")
+        distance = mahalanobis(emb, self.gaussian)
+        maps = distance_to_map(distance, self.grid, tuple(inputs.shape[-2:]), self.sigma)
+        maps = to_input_frame(maps, tuple(x.shape[-2:]), theta)
+        return maps.flatten(1).amax(1), maps
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the fitted model (config, channel subset, backbone, Gaussians, STN) to `path`."""
+        if self.gaussian is None:
+            raise InputError("the model is not fitted: nothing to save")
+        tensors = {f"embedding.{k}": v for k, v in self.embedding.state_dict().items()}
+        tensors.update({f"gaussian.{k}": v for k, v in self.gaussian.state_dict().items()})
+        if self.stn is not None:
+            tensors.update({f"stn.{k}": v for k, v in self.stn.state_dict().items()})
+        return write_model_file(path, self.config, tensors)
+
+    def _bar(self, images, desc: str):
+        total = images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else (
+            len(images) if isinstance(images, (list, tuple)) and all(
+                isinstance(p, (str, os.PathLike)) for p in images) else None)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return tqdm(total=total, desc=desc, unit="img", disable=not self.progress or rank != 0)
+
+
+def load(path: str | os.PathLike, device=None, **options) -> PaDiM:
+    """Reads a model written by `PaDiM.save`.
+
+    Args:
+        path: model file.
+        device: where to run it (default CUDA when available).
+        **options: run-time options of PaDiM (batch_size, backbone_dtype, progress).
+    """
+    config, tensors = read_model_file(path)
+    try:
+        stn = None if config.get("stn") is None else STN(**config["stn"])
+        model = PaDiM(config["backbone"], pretrained=False, n_features=config["n_features"],
+                      image_size=tuple(config["image_size"]), stn=stn, device=device,
+                      center_crop=tuple(config["center_crop"]) if config["center_crop"] else None,
+                      seed=config["seed"], eps=config["eps"], sigma=config["sigma"], **options)
+        groups = _split_prefixes(tensors, ("embedding.", "gaussian.", "stn."))
+        model.embedding.load_state_dict(groups["embedding."])
+        if stn is not None:
+            model.stn.load_state_dict(groups["stn."])
+        model.gaussian = PatchGaussian.from_state_dict(groups["gaussian."]).to(model.device)
+        model.grid = tuple(config["grid"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # InputError is a ValueError
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(f"{path}: damaged stnpadim model file ({type(exc).__name__}: {first_line})") from None
+    if model.gaussian.num_patches != model.grid[0] * model.grid[1]:
+        raise InputError(f"{path}: damaged stnpadim model file (Gaussians for "
+                         f"{model.gaussian.num_patches} patches, grid {model.grid})")
+    return model
+
+
+def _split_prefixes(tensors: dict, prefixes) -> dict[str, dict]:
+    groups = {p: {} for p in prefixes}
+    for name, tensor in tensors.items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            raise KeyError(f"unexpected tensor {name!r}")
+        groups[prefix][name[len(prefix):]] = tensor
+    return groups
+
+
+def _stn_config(stn: nn.Module) -> dict:
+    config = getattr(stn, "config", None)
+    if not isinstance(config, dict):
+        raise InputError(f"cannot save an STN of type {type(stn).__name__}: only stnpadim_ext.STN "
+                         "(with its JSON .config) is stored in model files")
+    return config
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
+        raise InputError(f"{name} must be an int or (H, W) pair of ints >= {minimum}; got {value!r}")
+    return pair

@@ -1,0 +1,74 @@
+"""The model file: one torch.save'd dict of plain tensors, a JSON config and a format version.
+
+    {"format": "stnpadim.padim", "version": 1, "config": "<json>", "tensors": {name: Tensor}}
+
+Only str / int / tensors inside, so `torch.load(weights_only=True)` reads it without running
+any pickled code. Written to a temporary file in the target folder, then renamed over the
+target: an interrupted save leaves the old file (or none), never a broken one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ...errors import InputError
+
+FORMAT = "stnpadim.padim"
+FORMAT_VERSION = 1
+
+
+def write_model_file(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Atomically writes config (JSON-serialisable) and tensors (moved to CPU) to `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for the model")
+    if not path.parent.is_dir():
+        raise InputError(f"{path.parent}: no such folder to save the model in")
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": json.dumps(config, sort_keys=True),
+        "tensors": {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_model_file(path: str | os.PathLike, map_location="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a file written by `write_model_file`; InputError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, random bytes...
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise InputError(f"{path}: not a stnpadim model file (cannot be read: "
+                         f"{type(exc).__name__}: {first_line})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{path}: not a stnpadim model file (no '{FORMAT}' format tag)")
+    version = payload.get("version")
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path}: model file format version {version}, this stnpadim reads "
+                         f"version {FORMAT_VERSION}; refit the model with this version")
+    try:
+        config = json.loads(payload["config"])
+        tensors = dict(payload["tensors"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: damaged stnpadim model file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise InputError(f"{path}: damaged stnpadim model file (bad config or tensors)")
+    return config, tensors

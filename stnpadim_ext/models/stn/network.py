@@ -1,0 +1,128 @@
+"""The Spatial Transformer: a small localization CNN predicting theta, then affine_sample."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...ops.affine_sample import affine_sample
+from .transforms import affine_theta, similarity_theta
+
+TRANSFORMS = ("similarity", "affine")
+PADDING_MODES = ("zeros", "border", "reflection")
+
+
+class STN(nn.Module):
+    """Spatial Transformer Network that warps each image into a canonical pose.
+
+    The localization net sees a loc_size x loc_size copy of the input (so any input size
+    works and the cost is fixed), high-passed (a difference of Gaussians) so that the pose
+    comes from sharp structure such as the part's outline rather than from shading and
+    soft shadows, which stay put when a real part turns under fixed lights (measured on
+    synth part_drift: 2.4-3.3 deg mean error without, 1.0 deg with), plus two coordinate
+    channels. Four stride-2 convolutions end in average pooling to a pool_size grid
+    (4 x 4: a global average learnt full-circle rotations far more slowly). Its head
+    predicts a similarity transform (angle as an unnormalised (cos, sin) pair, so any angle
+    in (-180, 180] is reachable without wrap-around, translation and log-scale) or, with
+    transform="affine", an orientation-preserving affine map (rotation times an
+    upper-triangular matrix with positive diagonal). Mirroring is impossible in both
+    modes: a mirrored part is a defect. The head starts at the identity transform.
+
+    Args:
+        transform: "similarity" (default) or "affine".
+        loc_size: side of the localization net's input copy.
+        width: channels of the first conv layer (doubling twice after that), a multiple of 4.
+        max_translation: bound on |tx|, |ty| (normalised units, 1 = half the image).
+        max_log_scale: bound on |log scale| (and on the log axis scales for "affine").
+        padding_mode: affine_sample padding of the aligned image. "reflection" (default)
+            continues the background; black "zeros" corners look like defects to PaDiM
+            (synth part_drift image AUROC with the same STN: zeros 0.57, border 0.91,
+            reflection 0.95).
+        pool_size: side of the grid the last feature map is average-pooled to.
+        highpass: sigma (localization-net pixels) of the high-pass on its input; 0 = off.
+
+    Example:
+        >>> stn = STN()
+        >>> aligned, theta = stn(torch.rand(4, 3, 128, 128))   # [4, 3, 128, 128], [4, 2, 3]
+    """
+
+    def __init__(self, transform: str = "similarity", loc_size: int = 64, width: int = 16,
+                 max_translation: float = 0.5, max_log_scale: float = 0.5,
+                 padding_mode: str = "reflection", pool_size: int = 4, highpass: float = 2.0):
+        super().__init__()
+        if transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}; got {transform!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
+        if (loc_size < 16 or width < 4 or width % 4 or pool_size < 1 or max_translation <= 0
+                or max_log_scale <= 0 or highpass < 0):
+            raise ValueError("STN needs loc_size >= 16, width a multiple of 4, pool_size >= 1, "
+                             "max_translation > 0, max_log_scale > 0 and highpass >= 0; got "
+                             f"loc_size={loc_size}, width={width}, pool_size={pool_size}, "
+                             f"max_translation={max_translation}, max_log_scale={max_log_scale}, "
+                             f"highpass={highpass}")
+        self.config = {"transform": transform, "loc_size": int(loc_size), "width": int(width),
+                       "max_translation": float(max_translation),
+                       "max_log_scale": float(max_log_scale), "padding_mode": padding_mode,
+                       "pool_size": int(pool_size), "highpass": float(highpass)}
+        channels = [5, width, width * 2, width * 4, width * 4]
+        layers = []
+        for cin, cout in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout),
+                       nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(channels[-1] * pool_size ** 2, 64), nn.ReLU())
+        n_out = 5 if transform == "similarity" else 7
+        self.head = nn.Linear(64, n_out)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():  # identity: (cos, sin) = (1, 0), everything else 0
+            self.head.bias.zero_()
+            self.head.bias[0] = 1.0
+
+    def predict_theta(self, x: torch.Tensor) -> torch.Tensor:
+        """Theta [B, 2, 3] (affine_grid convention) for images x [B, 3, H, W] in [0, 1]."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"STN input must have shape [B, 3, H, W]; got {list(x.shape)}")
+        size = self.config["loc_size"]
+        small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True) - 0.5
+        if self.config["highpass"] > 0:
+            small = 4 * (small - _gaussian_blur(small, self.config["highpass"]))
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype),
+                                torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype),
+                                indexing="ij")
+        coords = torch.stack([xs, ys]).expand(x.shape[0], 2, size, size)
+        features = self.features(torch.cat([small, coords], dim=1))
+        features = F.adaptive_avg_pool2d(features, self.config["pool_size"]).flatten(1)
+        out = self.head(self.fc(features))
+        angle = torch.atan2(out[:, 1], out[:, 0])
+        max_t, max_s = self.config["max_translation"], self.config["max_log_scale"]
+        aspect = x.shape[-1] / x.shape[-2]
+        if self.config["transform"] == "similarity":
+            shift = max_t * torch.tanh(out[:, 2:4] / max_t)
+            log_scale = max_s * torch.tanh(out[:, 4] / max_s)
+            return similarity_theta(angle, shift, log_scale, aspect)
+        log_sx = max_s * torch.tanh(out[:, 2] / max_s)
+        log_sy = max_s * torch.tanh(out[:, 4] / max_s)
+        shift = max_t * torch.tanh(out[:, 5:7] / max_t)
+        return affine_theta(angle, log_sx, out[:, 3], log_sy, shift, aspect)
+
+    def warp(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] sampled at theta [B, 2, 3] with this STN's padding mode."""
+        return affine_sample(x, theta, padding_mode=self.config["padding_mode"])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligns x [B, 3, H, W] -> (aligned [B, 3, H, W], theta [B, 2, 3])."""
+        theta = self.predict_theta(x)
+        return self.warp(x, theta), theta
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with reflected borders."""
+    radius = max(1, min(int(3 * sigma), min(x.shape[-2:]) - 1))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-taps.square() / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, -1)
+    x = F.pad(x, (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, kernel[:, :, None, :], groups=x.shape[1])
+    return F.conv2d(x, kernel[:, :, :, None], groups=x.shape[1])

@@ -1,0 +1,415 @@
+"""affine_sample against torch's F.grid_sample(F.affine_grid(...)) composition.
+
+Every test draws fresh random inputs. CPU tests need the compiled extension (they skip
+when it is not built); CUDA tests skip without a GPU.
+"""
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stnpadim_ext as sp
+from stnpadim_ext import _backend
+from stnpadim_ext.errors import InputError
+from stnpadim_ext.ops.affine_sample import AffineSample, affine_sample, affine_sample_reference
+
+# The reference's affine_grid warns about 1-pixel outputs with align_corners; we test them on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:Since version 1.3.0, affine_grid:UserWarning")
+
+MODES = ("bilinear", "nearest", "bicubic")
+PADDINGS = ("zeros", "border", "reflection")
+COMBOS = list(itertools.product(MODES, PADDINGS, (False, True)))
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+needs_kernel = pytest.mark.skipif(not _backend.has_kernel("affine_sample", "cpu"),
+                                  reason="stnpadim_ext._C (CPU kernels) not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda_kernel = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _backend.has_kernel("affine_sample", "cuda")),
+    reason="needs a CUDA device and the CUDA kernels")
+
+
+def random_theta(n, dtype=torch.float32, device="cpu", spread=0.4):
+    """Near-identity affine matrices with random rotation, scale, shear and translation."""
+    return torch.eye(2, 3, dtype=dtype, device=device) + spread * torch.randn(n, 2, 3, dtype=dtype, device=device)
+
+
+def similarity(angle, scale, tx, ty, dtype=torch.float64):
+    c, s = scale * math.cos(angle), scale * math.sin(angle)
+    return torch.tensor([[c, -s, tx], [s, c, ty]], dtype=dtype)
+
+
+def decided(theta, x_shape, size, align_corners, margin=1e-3):
+    """Output pixels whose nearest-neighbour pick is unambiguous: their sampling point is
+    not within `margin` pixel of a rounding boundary (half-integers, before padding; border
+    and reflection map half-integers to half-integers). Rounding noise decides the others."""
+    grid = F.affine_grid(theta.double(), (theta.shape[0], 1, *size), align_corners=align_corners)
+    mask = torch.ones(grid.shape[:3], dtype=torch.bool, device=theta.device)
+    for axis, n in ((0, x_shape[-1]), (1, x_shape[-2])):
+        g = grid[..., axis]
+        pix = (g + 1) / 2 * (n - 1) if align_corners else ((g + 1) * n - 1) / 2
+        frac = pix - pix.floor()
+        mask &= (frac - 0.5).abs() > margin
+    return mask[:, None]
+
+
+def assert_matches_reference(out, ref, theta, x, size, mode, align_corners, tol):
+    if mode == "nearest":
+        keep = decided(theta, x.shape, size, align_corners).expand_as(out)
+        assert keep.float().mean() >= 0.5  # the comparison must cover most pixels
+        out, ref = out[keep], ref[keep]
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_forward_matches_composition(mode, padding_mode, align_corners, dtype):
+    x = torch.rand(3, 2, 9, 12, dtype=dtype)
+    theta = random_theta(3, dtype)
+    out = affine_sample(x, theta, (7, 13), mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (7, 13), mode, padding_mode, align_corners)
+    assert out.shape == (3, 2, 7, 13) and out.dtype == dtype and out.is_contiguous()
+    assert_matches_reference(out, ref, theta, x, (7, 13), mode, align_corners, TOL[dtype])
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_large_rotations_scales_and_translations(mode, padding_mode, align_corners):
+    angles = torch.empty(6).uniform_(-math.pi, math.pi).tolist()
+    params = zip(angles, (0.3, 2.5, 1.0, 0.7, 4.0, 1.3), (0.0, 0.4, 3.0, -2.5, 0.0, 1.7), (0.0, -0.3, 0.0, 2.0, -3.5, -1.1))
+    theta = torch.stack([similarity(a, s, tx, ty) for a, s, tx, ty in params])
+    x = torch.rand(6, 3, 11, 14, dtype=torch.float64)
+    out = affine_sample(x, theta, (10, 9), mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (10, 9), mode, padding_mode, align_corners)
+    assert_matches_reference(out, ref, theta, x, (10, 9), mode, align_corners, 1e-10)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+@pytest.mark.parametrize("shape,size", [((1, 1, 1, 1), (1, 1)), ((2, 3, 1, 7), (4, 1)),
+                                        ((1, 2, 5, 1), (1, 6)), ((2, 1, 3, 2), (5, 4))])
+def test_tiny_and_odd_sizes(mode, padding_mode, align_corners, shape, size):
+    x = torch.rand(*shape, dtype=torch.float64)
+    theta = random_theta(shape[0], torch.float64)
+    out = affine_sample(x, theta, size, mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, size, mode, padding_mode, align_corners)
+    assert_matches_reference(out, ref, theta, x, size, mode, align_corners, 1e-10)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_far_out_and_non_finite_coordinates(mode, padding_mode, align_corners):
+    """Runaway coordinates sample padding; NaN or infinite ones give what torch gives
+    (NaN where its weights turn NaN), and nothing crashes."""
+    x = torch.rand(4, 2, 6, 7)
+    theta = torch.stack([similarity(0.3, 1.0, 1e12 * torch.rand(()).item(), 0.0, torch.float32),
+                         similarity(torch.rand(()).item(), 1e9, 0.0, 0.0, torch.float32),
+                         torch.full((2, 3), float("nan")),
+                         similarity(0.2, 1.0, float("inf"), 0.0, torch.float32)])
+    out = affine_sample(x, theta, (5, 4), mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (5, 4), mode, padding_mode, align_corners)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5, equal_nan=True)
+
+
+@needs_kernel
+def test_size_defaults_to_input_and_empty_batch():
+    x = torch.rand(2, 3, 8, 5)
+    theta = random_theta(2)
+    assert affine_sample(x, theta).shape == (2, 3, 8, 5)
+    empty = affine_sample(torch.rand(0, 3, 8, 5), torch.rand(0, 2, 3), (4, 4))
+    assert empty.shape == (0, 3, 4, 4)
+    assert affine_sample(torch.rand(2, 0, 8, 5), theta, (3, 2)).shape == (2, 0, 3, 2)
+
+
+@needs_kernel
+def test_wide_rotation_bands():
+    """A 90 degree turn makes every output row read every input row."""
+    x = torch.rand(2, 3, 40, 70)
+    theta = torch.stack([similarity(math.pi / 2, 1.0, 0.1, 0.0, torch.float32),
+                         similarity(-2.0, 0.8, 0.0, 0.2, torch.float32)])
+    out = affine_sample(x, theta, (50, 33))
+    torch.testing.assert_close(out, affine_sample_reference(x, theta, (50, 33)), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed", "expanded"])
+def test_strided_inputs_match_contiguous(layout):
+    base = torch.rand(2, 3, 18, 16)
+    if layout == "channels_last":
+        x = base.to(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = base[:, :, 1::2, ::2]
+    elif layout == "transposed":
+        x = base.transpose(2, 3)
+    else:
+        x = base[:1].expand(2, -1, -1, -1)
+    theta_store = random_theta(2 * 2).view(2, 2, 2, 3)
+    theta = theta_store[:, 1]  # non-contiguous theta too
+    for mode, padding_mode in [("bilinear", "zeros"), ("nearest", "border"), ("bicubic", "reflection")]:
+        out = affine_sample(x, theta, (9, 11), mode, padding_mode)
+        assert torch.equal(out, affine_sample(x.contiguous(), theta.contiguous(), (9, 11), mode, padding_mode))
+        ref = affine_sample_reference(x.contiguous(), theta.contiguous(), (9, 11), mode, padding_mode)
+        assert_matches_reference(out, ref, theta, x, (9, 11), mode, False, 1e-5)
+
+
+@needs_kernel
+def test_strided_input_gradients_match_contiguous():
+    x = torch.rand(2, 3, 10, 12, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    theta = random_theta(2, torch.float64).requires_grad_()
+    g = torch.randn(2, 3, 7, 8, dtype=torch.float64).transpose(2, 3).contiguous().transpose(2, 3)
+    grads = torch.autograd.grad(affine_sample(x, theta, (7, 8)), (x, theta), g)
+    xc = x.detach().contiguous().requires_grad_()
+    thc = theta.detach().clone().requires_grad_()
+    ref = torch.autograd.grad(affine_sample_reference(xc, thc, (7, 8)), (xc, thc), g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def unambiguous_theta(n, dtype, x_shape, size, align_corners):
+    """A random theta whose nearest-neighbour picks all are unambiguous (see decided())."""
+    for _ in range(50):
+        theta = random_theta(n, dtype)
+        if decided(theta, x_shape, size, align_corners, margin=1e-4).all():
+            return theta
+    raise AssertionError("no unambiguous theta in 50 draws")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_gradients_match_composition(mode, padding_mode, align_corners, dtype):
+    x = torch.rand(2, 3, 8, 11, dtype=dtype, requires_grad=True)
+    # Nearest: a pixel within rounding noise of a boundary could pick either source pixel
+    # and send its whole gradient there, so such draws are redrawn.
+    theta = (unambiguous_theta(2, dtype, x.shape, (9, 7), align_corners) if mode == "nearest"
+             else random_theta(2, dtype)).requires_grad_()
+    g = torch.randn(2, 3, 9, 7, dtype=dtype)
+    out = affine_sample(x, theta, (9, 7), mode, padding_mode, align_corners)
+    gx, gt = torch.autograd.grad(out, (x, theta), g)
+    ref = affine_sample_reference(x, theta, (9, 7), mode, padding_mode, align_corners)
+    rx, rt = torch.autograd.grad(ref, (x, theta), g)
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-11)
+    torch.testing.assert_close(gx, rx, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gt, rt, rtol=rtol, atol=atol * 10)
+
+
+@needs_kernel
+@pytest.mark.parametrize("needs", ["x", "theta"])
+def test_gradient_of_one_input_only(needs):
+    x = torch.rand(3, 2, 7, 9, dtype=torch.float64, requires_grad=needs == "x")
+    theta = random_theta(3, torch.float64).requires_grad_(needs == "theta")
+    target = x if needs == "x" else theta
+    (grad,) = torch.autograd.grad(affine_sample(x, theta, (6, 5)).square().sum(), target)
+    (ref,) = torch.autograd.grad(affine_sample_reference(x, theta, (6, 5)).square().sum(), target)
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+
+
+@needs_kernel
+def test_backward_is_deterministic_and_splits_channels_consistently():
+    # One image with many channels: the input gradient is split into channel blocks.
+    x = torch.rand(1, 9, 12, 10, requires_grad=True)
+    theta = random_theta(1).requires_grad_()
+    g = torch.randn(1, 9, 11, 13)
+    first = torch.autograd.grad(affine_sample(x, theta, (11, 13)), (x, theta), g)
+    second = torch.autograd.grad(affine_sample(x, theta, (11, 13)), (x, theta), g)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    ref = torch.autograd.grad(affine_sample_reference(x, theta, (11, 13)), (x, theta), g)
+    torch.testing.assert_close(first[0], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first[1], ref[1], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,padding_mode,align_corners",
+                         [c for c in COMBOS if c[0] != "nearest"] + [("nearest", "zeros", False)])
+def test_gradcheck(mode, padding_mode, align_corners):
+    x = torch.rand(2, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    theta = random_theta(2, torch.float64).requires_grad_(mode != "nearest")
+    assert torch.autograd.gradcheck(
+        lambda a, t: affine_sample(a, t, (4, 5), mode, padding_mode, align_corners), (x, theta))
+
+
+@needs_kernel
+def test_double_backward_raises():
+    x = torch.rand(1, 2, 5, 5, dtype=torch.float64)
+    theta = random_theta(1, torch.float64).requires_grad_()
+    (g,) = torch.autograd.grad(affine_sample(x, theta).sum(), theta, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+@needs_kernel
+def test_opcheck():
+    x = torch.rand(2, 3, 6, 7, requires_grad=True)
+    theta = random_theta(2).requires_grad_()
+    torch.library.opcheck(torch.ops.stnpadim.affine_sample.default,
+                          (x, theta, 5, 4, MODES.index("bicubic"), PADDINGS.index("reflection"), False))
+    g = torch.randn(2, 3, 5, 4)
+    torch.library.opcheck(torch.ops.stnpadim._affine_sample_backward.default,
+                          (g, x.detach(), theta.detach(), 6, 7, 0, 0, True, True, True))
+    torch.library.opcheck(torch.ops.stnpadim._affine_sample_backward.default,
+                          (g, None, theta.detach(), 6, 7, 1, 1, False, True, False))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("x,theta,kwargs,match", [
+    (torch.rand(3, 8, 8), torch.rand(3, 2, 3), {}, "4-D"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 3, 3), {}, r"\[N, 2, 3\]"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 6), {}, r"\[N, 2, 3\]"),
+    (torch.rand(2, 3, 8, 8), torch.rand(3, 2, 3), {}, "3 matrices but x has 2 images"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3, dtype=torch.float64), {}, "dtype"),
+    (torch.randint(0, 5, (2, 3, 8, 8)), torch.rand(2, 2, 3), {}, "floating-point"),
+    (torch.rand(2, 3, 0, 8), torch.rand(2, 2, 3), {}, "non-empty"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), {"size": (0, 4)}, "positive"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), {"size": (4, -1)}, "positive"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), {"size": 5}, "pair"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), {"size": (4.0, 4)}, "ints"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), {"mode": "linear"}, "unknown mode 'linear'"),
+    (torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), {"padding_mode": "wrap"}, "unknown padding_mode"),
+    ([[1.0]], torch.rand(1, 2, 3), {}, "4-D tensor"),
+])
+def test_bad_inputs_raise_clear_errors(x, theta, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        affine_sample(x, theta, **kwargs)
+    assert issubclass(InputError, ValueError)
+
+
+@needs_cuda
+def test_device_mismatch_raises():
+    with pytest.raises(InputError, match="theta is on"):
+        affine_sample(torch.rand(1, 1, 4, 4), torch.rand(1, 2, 3, device="cuda"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("args,match", [
+    ((torch.rand(2, 3, 8), torch.rand(2, 2, 3), 4, 4, 0, 0, False), "input must be a 4-D tensor"),
+    ((torch.rand(2, 3, 8, 8), torch.rand(2, 3, 2), 4, 4, 0, 0, False), r"theta must have shape \[N, 2, 3\]"),
+    ((torch.rand(2, 3, 8, 8), torch.rand(1, 2, 3), 4, 4, 0, 0, False), "1 matrices but the batch has 2"),
+    ((torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3).double(), 4, 4, 0, 0, False), "dtype"),
+    ((torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), 0, 4, 0, 0, False), "output size must be positive"),
+    ((torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), 4, 4, 7, 0, False), "interpolation must be"),
+    ((torch.rand(2, 3, 8, 8), torch.rand(2, 2, 3), 4, 4, 0, 3, False), "padding must be"),
+    ((torch.rand(2, 3, 8, 8).half(), torch.rand(2, 2, 3).half(), 4, 4, 0, 0, False), "not supported on cpu"),
+])
+def test_op_checks_name_the_argument(args, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.stnpadim.affine_sample(*args)
+
+
+# ----------------------------------------------------------------------------- API
+
+@needs_kernel
+def test_public_api_and_module():
+    x = torch.rand(2, 3, 10, 10)
+    theta = random_theta(2)
+    assert sp.affine_sample is affine_sample
+    module = AffineSample(size=(6, 7), mode="bicubic", padding_mode="border", align_corners=True)
+    assert torch.equal(module(x, theta), affine_sample(x, theta, (6, 7), "bicubic", "border", True))
+    assert "bicubic" in repr(module)
+    with pytest.raises(InputError, match="unknown mode"):
+        AffineSample(mode="area")
+
+
+def test_cpu_half_falls_back_to_reference():
+    x = torch.rand(2, 3, 6, 6, dtype=torch.bfloat16)
+    theta = random_theta(2, torch.bfloat16)
+    assert torch.equal(affine_sample(x, theta), affine_sample_reference(x, theta))
+
+
+def test_reference_path_without_extension():
+    """STNPADIM_NO_EXT=1: no extension is loaded, the reference answers, checks still apply."""
+    code = (
+        "import torch, stnpadim_ext as sp\n"
+        "from stnpadim_ext.ops.affine_sample import affine_sample_reference\n"
+        "from stnpadim_ext.errors import InputError\n"
+        "assert not sp.backend_info()['extension']\n"
+        "x = torch.rand(2, 3, 7, 9, requires_grad=True)\n"
+        "t = (torch.eye(2, 3) + 0.3 * torch.randn(2, 2, 3)).requires_grad_()\n"
+        "y = sp.affine_sample(x, t, (5, 6), 'bicubic', 'reflection', True)\n"
+        "assert torch.equal(y, affine_sample_reference(x, t, (5, 6), 'bicubic', 'reflection', True))\n"
+        "y.sum().backward()\n"
+        "assert x.grad is not None and t.grad is not None\n"
+        "try:\n"
+        "    sp.affine_sample(x, t[:1])\n"
+        "except InputError as e:\n"
+        "    assert 'matrices' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, STNPADIM_NO_EXT="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_cuda_matches_composition(mode, padding_mode, align_corners, dtype):
+    x = torch.rand(3, 4, 13, 17, dtype=dtype, device="cuda", requires_grad=True)
+    theta = random_theta(3, dtype, "cuda").requires_grad_()
+    g = torch.randn(3, 4, 11, 9, dtype=dtype, device="cuda")
+    out = affine_sample(x, theta, (11, 9), mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (11, 9), mode, padding_mode, align_corners)
+    assert_matches_reference(out.detach(), ref.detach(), theta.detach(), x, (11, 9), mode, align_corners,
+                             TOL[dtype] * 10)
+    if mode == "nearest" and not decided(theta.detach(), x.shape, (11, 9), align_corners).all():
+        return  # an ambiguous nearest pick moves a whole gradient entry: values checked above
+    grads = torch.autograd.grad(out, (x, theta), g)
+    refs = torch.autograd.grad(ref, (x, theta), g)
+    rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-9, 1e-10)
+    for a, b in zip(grads, refs):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_cuda_half_precision(dtype, mode):
+    x = torch.rand(2, 3, 16, 16, device="cuda")
+    theta = random_theta(2, device="cuda")
+    out = affine_sample(x.to(dtype), theta.to(dtype), (12, 12), mode)
+    assert out.dtype == dtype
+    # Reference in float32 on the same (rounded) inputs: the kernel accumulates in float32.
+    ref = affine_sample_reference(x.to(dtype).float(), theta.to(dtype).float(), (12, 12), mode)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=3e-2 if dtype == torch.bfloat16 else 5e-3)
+    xh = x.to(dtype).requires_grad_()
+    th = theta.to(dtype).requires_grad_()
+    affine_sample(xh, th, (12, 12), mode).float().sum().backward()
+    xr = x.to(dtype).float().requires_grad_()
+    tr = theta.to(dtype).float().requires_grad_()
+    affine_sample_reference(xr, tr, (12, 12), mode).sum().backward()
+    torch.testing.assert_close(xh.grad.float(), xr.grad, rtol=0, atol=5e-2)
+    torch.testing.assert_close(th.grad.float(), tr.grad, rtol=5e-2, atol=5e-1)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+def test_cuda_strided_and_gradcheck():
+    base = torch.rand(2, 3, 12, 10, device="cuda", dtype=torch.float64)
+    theta = random_theta(2, torch.float64, "cuda")
+    x = base.to(memory_format=torch.channels_last)
+    assert torch.equal(affine_sample(x, theta, (7, 9)), affine_sample(base, theta, (7, 9)))
+    xs = torch.rand(1, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    ts = random_theta(1, torch.float64, "cuda").requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, t: affine_sample(a, t, (4, 5), "bilinear", "border"), (xs, ts))
+    torch.library.opcheck(torch.ops.stnpadim.affine_sample.default, (xs, ts, 4, 5, 0, 0, False))

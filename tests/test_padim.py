@@ -1,0 +1,312 @@
+"""PaDiM: detection quality, embedding, anomaly maps, STN warp-back, save/load, bad input."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+import stnpadim_ext as sp
+from stnpadim_ext.api import score
+from stnpadim_ext.data.mvtec import load_category
+from stnpadim_ext.errors import InputError
+from stnpadim_ext.models.padim import PaDiM, load
+from stnpadim_ext.models.padim import serialization
+from stnpadim_ext.models.padim.anomaly_map import gaussian_blur
+from stnpadim_ext.models.padim.torch_model import PadimEmbedding, channel_subset
+from stnpadim_ext.models.backbones import build_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grain(tmp_path_factory):
+    from stnpadim_ext.data.synth import make_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    make_dataset(root, categories=["grain"], seed=int(torch.randint(0, 1000, ()).item()),
+                 image_size=96, n_train=30, n_test_good=8, n_test_defect=3, progress=False)
+    return load_category(root, "grain")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """A model fitted on random images (64 px): enough for plumbing tests."""
+    return PaDiM(image_size=64, progress=False).fit(torch.rand(12, 3, 64, 64))
+
+
+def test_detects_texture_defects_efficientnet_lite0(grain):
+    model = PaDiM("efficientnet_lite0", image_size=128, progress=False)
+    model.fit(grain.train_paths)
+    loader = torch.utils.data.DataLoader(grain.test_set(), batch_size=8)
+    scores, maps = model.predict(loader)
+    items = grain.test_items
+    labels = np.array([item.label for item in items])
+    masks = torch.cat([batch["mask"] for batch in loader])
+    assert scores.shape == (len(items),) and maps.shape == (len(items), 96, 96)
+    assert torch.equal(scores, maps.flatten(1).amax(1))
+    assert roc_auc_score(labels, scores.numpy()) > 0.9
+    assert roc_auc_score(masks.flatten().numpy(), maps.flatten().numpy()) > 0.8
+
+
+def test_embedding_equals_concat_then_select():
+    net = build_backbone("efficientnet_lite0")
+    emb = PadimEmbedding(net, n_features=60, seed=3)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = emb(x)
+        normalised = (x - emb.mean) / emb.std
+        maps = net(normalised)
+        full = torch.cat([maps[0]] + [F.interpolate(m, size=maps[0].shape[-2:], mode="nearest")
+                                      for m in maps[1:]], 1)
+    assert ours.shape == (2, 60, 16, 16)
+    torch.testing.assert_close(ours, full[:, emb.idx])
+    with torch.no_grad():
+        torch.testing.assert_close(emb(x, chunk=1), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_subset_is_seeded_sorted_and_checked():
+    a, b = channel_subset(176, 100, seed=5), channel_subset(176, 100, seed=5)
+    assert torch.equal(a, b) and not torch.equal(a, channel_subset(176, 100, seed=6))
+    assert torch.all(a[1:] > a[:-1]) and a.min() >= 0 and a.max() < 176
+    with pytest.raises(InputError, match="n_features"):
+        channel_subset(176, 177, seed=0)
+    assert PaDiM(progress=False).n_features == 100
+
+
+def test_blur_matches_scipy_gaussian_filter():
+    maps = torch.rand(3, 70, 90, dtype=torch.float64)
+    ours = gaussian_blur(maps, sigma=4.0)
+    # torch's "reflect" pad is scipy's "mirror"; both truncate at int(4 sigma + 0.5)
+    want = np.stack([ndimage.gaussian_filter(m, sigma=4.0, mode="mirror", truncate=4.0)
+                     for m in maps.numpy()])
+    np.testing.assert_allclose(ours.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_maps_come_back_in_input_resolution(small_model):
+    x = torch.rand(3, 3, 100, 80)
+    scores, maps = small_model.predict(x)
+    assert maps.shape == (3, 100, 80) and scores.shape == (3,)
+    assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and (maps >= 0).all()
+    same = small_model.predict(x[:1])[1]
+    torch.testing.assert_close(same, maps[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_center_crop_map_is_the_crop_models_map(tmp_path):
+    train, test = torch.rand(10, 3, 80, 80), torch.rand(2, 3, 80, 80)
+    cropped = PaDiM(image_size=80, center_crop=64, progress=False).fit(train)
+    direct = PaDiM(image_size=64, progress=False).fit(train[:, :, 8:72, 8:72])
+    _, maps = cropped.predict(test)
+    _, want = direct.predict(test[:, :, 8:72, 8:72])
+    assert maps.shape == (2, 80, 80)
+    torch.testing.assert_close(maps[:, 8:72, 8:72], want, rtol=1e-4, atol=1e-3)
+    outside = torch.ones(80, 80, dtype=torch.bool)
+    outside[8:72, 8:72] = False
+    assert maps[:, outside].abs().max() == 0
+
+
+class FixedRotation(torch.nn.Module):
+    """An 'STN' that always rotates by a known angle: the warp-back check needs no training."""
+
+    def __init__(self, degrees: float):
+        super().__init__()
+        a = math.radians(degrees)
+        self.theta = torch.tensor([[[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]])
+
+    def forward(self, x):
+        theta = self.theta.to(x).expand(x.shape[0], 2, 3)
+        return sp.affine_sample(x, theta), theta
+
+
+def _rotate(x, degrees):
+    return FixedRotation(degrees)(x)[0]
+
+
+def _smooth_images(n, size=96):
+    # Low-frequency images: rotating them does not change their statistics (iid pixel noise
+    # would be smoothed by the resampling and look anomalous everywhere).
+    return F.interpolate(torch.rand(n, 3, 6, 6) * 0.3 + 0.35, size=(size, size), mode="bicubic",
+                         align_corners=False).clamp(0, 1)
+
+
+def test_stn_maps_are_warped_back_to_the_input_frame():
+    plain = PaDiM(image_size=96, progress=False).fit(_smooth_images(16))
+    x = _smooth_images(1)
+    x[:, :, 20:34, 58:72] = 1.0                  # one off-centre blob: the map is asymmetric
+    drifted = _rotate(x, 25.0)                   # the input drifted by +25 degrees
+    stn = FixedRotation(-25.0)                   # the "STN" undoes it
+    model = PaDiM(image_size=96, stn=stn, progress=False)
+    model.gaussian, model.grid = plain.gaussian, plain.grid
+    scores, back = model.predict(drifted)
+
+    # The map is the aligned image's map, brought back by the inverse rotation.
+    aligned_map = plain.predict(stn(drifted)[0])[1]
+    expected = _rotate(aligned_map[:, None], 25.0)[:, 0]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 96), torch.linspace(-1, 1, 96), indexing="ij")
+    interior = (xx**2 + yy**2) < 0.8**2
+    torch.testing.assert_close(back[:, interior], expected[:, interior], rtol=1e-4, atol=1e-3)
+    assert torch.equal(scores, back.flatten(1).amax(1))
+
+    # And it lands where the defect is in the input frame, not where the aligned image has it
+    # (peaks searched inside the disk: the drifted input has black padded corners).
+    def peak(m):
+        m = torch.where(interior, m, 0)
+        return torch.nonzero(m == m.max())[0].float()
+
+    blob = torch.nonzero(drifted[0, 0] > 0.9).float().mean(0)
+    assert torch.dist(peak(back[0]), blob) < 5, (peak(back[0]), blob)
+    assert torch.dist(peak(aligned_map[0]), blob) > 8
+
+
+def test_stn_model_save_load_round_trip(tmp_path):
+    from stnpadim_ext.models.stn import STN
+
+    stn = STN(loc_size=32, width=4)
+    with torch.no_grad():
+        stn.head.bias[2] = 0.1                      # a non-identity transform: x shift
+    model = PaDiM(image_size=64, stn=stn, progress=False).fit(torch.rand(10, 3, 64, 64))
+    x = torch.rand(3, 3, 64, 64)
+    scores, maps = model.predict(x)
+    model.save(tmp_path / "stn.padim")
+    loaded = load(tmp_path / "stn.padim")
+    assert loaded.stn is not None and loaded.stn.config == stn.config
+    scores2, maps2 = loaded.predict(x)
+    assert torch.equal(scores, scores2) and torch.equal(maps, maps2)
+    with pytest.raises(InputError, match="FixedRotation"):
+        PaDiM(image_size=64, stn=FixedRotation(10.0), progress=False).fit(x).save(tmp_path / "f")
+
+
+def test_save_load_round_trip_gives_identical_scores(small_model, tmp_path):
+    x = torch.rand(4, 3, 64, 64)
+    scores, maps = small_model.predict(x)
+    path = small_model.save(tmp_path / "model.padim")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.padim"]   # no temp file left
+    loaded = load(path)
+    scores2, maps2 = loaded.predict(x)
+    assert torch.equal(scores, scores2) and torch.equal(maps, maps2)
+    assert torch.equal(loaded.embedding.idx, small_model.embedding.idx)
+    scores3, maps3 = score(str(path), x)
+    assert torch.equal(scores, scores3) and torch.equal(maps, maps3)
+    scores4, _ = score(small_model, x)
+    assert torch.equal(scores, scores4)
+
+
+def test_interrupted_save_keeps_the_old_file(small_model, tmp_path, monkeypatch):
+    path = small_model.save(tmp_path / "model.padim")
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serialization.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        small_model.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.padim"]
+
+
+def test_corrupt_model_files_give_clear_errors(small_model, tmp_path):
+    good = small_model.save(tmp_path / "good.padim")
+    cases = {}
+    cases["random.padim"] = os.urandom(3000)
+    cases["truncated.padim"] = good.read_bytes()[: good.stat().st_size // 2]
+    cases["empty.padim"] = b""
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.padim")
+    payload = torch.load(good, weights_only=True)
+    payload["version"] = 99
+    torch.save(payload, tmp_path / "future.padim")
+    payload["version"] = serialization.FORMAT_VERSION
+    payload["tensors"].pop("gaussian.mean")
+    torch.save(payload, tmp_path / "damaged.padim")
+    expected = {"random.padim": "not a stnpadim model file", "truncated.padim": "not a stnpadim model file",
+                "empty.padim": "not a stnpadim model file", "foreign.padim": "not a stnpadim model file",
+                "future.padim": "version 99", "damaged.padim": "damaged", "missing.padim": "no such model file"}
+    for name, message in expected.items():
+        with pytest.raises(InputError, match=message) as info:
+            load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_inputs(small_model, tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="unknown backbone 'resnet1000'"):
+        PaDiM("resnet1000")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(InputError, match="resnet18-f37072fd.pth"):
+        PaDiM("resnet18", pretrained=True)
+    with pytest.raises(InputError, match="not fitted"):
+        PaDiM(image_size=64, progress=False).predict(torch.rand(1, 3, 64, 64))
+    with pytest.raises(InputError, match="not fitted"):
+        PaDiM(image_size=64, progress=False).save(tmp_path / "x")
+    with pytest.raises(InputError, match=r"\[B, 3, H, W\]"):
+        small_model.predict(torch.rand(64, 64))
+    with pytest.raises(InputError, match="channels"):
+        small_model.predict(torch.rand(2, 4, 64, 64))
+    with pytest.raises(InputError, match="float"):
+        small_model.predict(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(InputError, match="image_size"):
+        PaDiM(image_size=8)
+    with pytest.raises(InputError, match="center_crop"):
+        PaDiM(image_size=64, center_crop=96)
+    with pytest.raises(InputError, match="backbone_dtype"):
+        PaDiM(backbone_dtype="int8")
+    with pytest.raises(InputError, match="PaDiM model or a model file"):
+        score(42, torch.rand(1, 3, 64, 64))
+
+
+def test_images_in_any_mode_are_scored(small_model, tmp_path):
+    rng = np.random.default_rng()
+    grey = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    scores, maps = small_model.predict(sorted(tmp_path.glob("*.png")))
+    assert scores.shape == (3,) and maps.shape == (3, 64, 64) and torch.isfinite(scores).all()
+    # The 16-bit copy of the grey image is the same picture.
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-3)
+
+
+def test_bfloat16_backbone_tracks_float32():
+    train, test = torch.rand(10, 3, 64, 64), torch.rand(6, 3, 64, 64)
+    test[:3, :, 20:40, 20:40] = 1.0
+    s32, _ = PaDiM(image_size=64, progress=False).fit(train).predict(test)
+    s16, _ = PaDiM(image_size=64, backbone_dtype="bfloat16", progress=False).fit(train).predict(test)
+    assert s16.dtype == torch.float32
+    assert np.corrcoef(s32.numpy(), s16.numpy())[0, 1] > 0.9
+
+
+REFERENCE_RUN = textwrap.dedent("""
+    import sys, torch
+    import stnpadim_ext as sp
+    from stnpadim_ext.models.padim import PaDiM
+    train, test = torch.load(sys.argv[1])
+    info = sp.backend_info()
+    model = PaDiM(image_size=64, center_crop=56, progress=False).fit(train)
+    scores, maps = model.predict(test)
+    torch.save({"scores": scores, "maps": maps, "extension": info["extension"]}, sys.argv[2])
+""")
+
+
+def test_reference_ops_and_extension_give_the_same_scores(tmp_path):
+    train, test = torch.rand(10, 3, 64, 64), torch.rand(4, 3, 64, 64)
+    torch.save((train, test), tmp_path / "data.pt")
+    outputs = {}
+    for name, no_ext in (("ext", "0"), ("ref", "1")):
+        env = dict(os.environ, STNPADIM_NO_EXT=no_ext, PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-c", REFERENCE_RUN, str(tmp_path / "data.pt"),
+                        str(tmp_path / f"{name}.pt")], env=env, check=True, timeout=300)
+        outputs[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    assert outputs["ref"]["extension"] is False
+    assert outputs["ext"]["extension"] == sp.backend_info()["extension"]
+    torch.testing.assert_close(outputs["ext"]["scores"], outputs["ref"]["scores"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(outputs["ext"]["maps"], outputs["ref"]["maps"], rtol=1e-4, atol=1e-3)
