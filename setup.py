@@ -67,7 +67,8 @@ def extension_modules():
     use_cuda = _want_cuda(torch, CUDA_HOME)
     debug = _flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(str(p) for p in CSRC.rglob("*.cpp"))
+    # setuptools wants source paths relative to setup.py's folder (pip runs us from there).
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
     define_macros = []  # torch adds Py_LIMITED_API itself when py_limited_api=True
     extra = {"cxx": opt + ["-fopenmp", "-fdiagnostics-color=always"]}
     kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"], py_limited_api=True)
@@ -79,7 +80,7 @@ def extension_modules():
                          for i in range(torch.cuda.device_count()))
                 if torch.cuda.is_available() else DEFAULT_CUDA_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        sources += sorted(str(p) for p in CSRC.rglob("*.cu"))
+        sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu"))
         # Shell-safe token (no quotes, ';' or spaces); init.cpp stringifies it.
         arch_token = "_".join(archs.replace(";", " ").split())
         define_macros += [("STNPADIM_WITH_CUDA", None), ("STNPADIM_CUDA_ARCHS", arch_token)]
