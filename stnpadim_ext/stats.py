@@ -108,7 +108,7 @@ class PatchGaussian:
         return PatchGaussian(self.mean.to(device), self.factor_packed.to(device))
 
     def state_dict(self) -> dict:
-        """Plain tensors only (safetensors can store it)."""
+        """Plain tensors only (safe for torch.load(weights_only=True))."""
         return {"mean": self.mean, "factor_packed": self.factor_packed}
 
     @classmethod
