@@ -105,20 +105,25 @@ def test_tiny_and_odd_sizes(mode, padding_mode, align_corners, shape, size):
 
 
 @needs_kernel
-@pytest.mark.xfail(reason="known gap: with NaN/inf theta or coordinates beyond ~1e9 the kernel "
-                          "and torch's float32 grid math disagree in some modes (open)",
-                   strict=False)
 @pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
 def test_far_out_and_non_finite_coordinates(mode, padding_mode, align_corners):
     """Runaway coordinates sample padding; NaN or infinite ones give what torch gives
     (NaN where its weights turn NaN), and nothing crashes."""
     x = torch.rand(4, 2, 6, 7)
     theta = torch.stack([similarity(0.3, 1.0, 1e12 * torch.rand(()).item(), 0.0, torch.float32),
-                         similarity(torch.rand(()).item(), 1e9, 0.0, 0.0, torch.float32),
+                         similarity(0.2, 1.0, float("inf"), 0.0, torch.float32),
                          torch.full((2, 3), float("nan")),
-                         similarity(0.2, 1.0, float("inf"), 0.0, torch.float32)])
+                         similarity(torch.rand(()).item(), 1e9, 0.0, 0.0, torch.float32)])
     out = affine_sample(x, theta, (5, 4), mode, padding_mode, align_corners)
     ref = affine_sample_reference(x, theta, (5, 4), mode, padding_mode, align_corners)
+    if padding_mode == "reflection":
+        # Folding a coordinate of ~1e9 pixels back into the image in float32 leaves only
+        # rounding noise, which differs between any two implementations: check that the
+        # result is still a blend of input pixels.
+        lo, hi = x.min().item(), x.max().item()
+        extra = 0.45 if mode == "bicubic" else 1e-6  # cubic weights overshoot by <= 0.445
+        assert out[3].isfinite().all() and out[3].min() >= lo - extra and out[3].max() <= hi + extra
+        out, ref = out[:3], ref[:3]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5, equal_nan=True)
 
 
@@ -220,11 +225,12 @@ def test_gradient_of_one_input_only(needs):
 
 
 @needs_kernel
-def test_backward_is_deterministic_and_splits_channels_consistently():
-    # One image with many channels: the input gradient is split into channel blocks.
-    x = torch.rand(1, 9, 12, 10, requires_grad=True)
-    theta = random_theta(1).requires_grad_()
-    g = torch.randn(1, 9, 11, 13)
+@pytest.mark.parametrize("n,c", [(1, 9), (9, 37)])
+def test_backward_is_deterministic_and_splits_channels_consistently(n, c):
+    # The input gradient is split into channel blocks: for few images, and for many channels.
+    x = torch.rand(n, c, 12, 10, requires_grad=True)
+    theta = random_theta(n).requires_grad_()
+    g = torch.randn(n, c, 11, 13)
     first = torch.autograd.grad(affine_sample(x, theta, (11, 13)), (x, theta), g)
     second = torch.autograd.grad(affine_sample(x, theta, (11, 13)), (x, theta), g)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

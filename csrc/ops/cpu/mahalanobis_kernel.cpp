@@ -12,8 +12,9 @@
 //  * tile_sq_norm: vector lanes run over the batch; a block of kRowBlock rows shares each
 //    load of d[j] and broadcasts one factor element per row (register-blocked, no
 //    horizontal sums, no tails over j).
-//  * single_sq_norm: for a lone batch element; lanes run over j (a dot product per row),
-//    which is what memory bandwidth allows for B = 1 anyway.
+//  * single_sq_norm: for a lone batch element; lanes run over j (a dot product per row,
+//    the row's tail as one masked vector), which is what memory bandwidth allows for
+//    B = 1 anyway.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
