@@ -17,7 +17,7 @@ from .errors import InputError
 from .ops.mahalanobis import as_patches
 
 # Bound on the float64 temporaries ([chunk, C, C]) of update and finalize.
-_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BYTES = 4 * 2**20
 
 
 def _tril_flat_index(dim: int, device, upper: bool = False) -> torch.Tensor:

@@ -115,8 +115,8 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-def iter_batches(images, batch_size: int = 32,
-                 size: int | tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
+def iter_batches(images, batch_size: int = 32, size: int | tuple[int, int] | None = None,
+                 allow_empty: bool = False) -> Iterator[torch.Tensor]:
     """Yields float batches [b, 3, H, W] from any accepted `images` input.
 
     Args:
@@ -124,6 +124,8 @@ def iter_batches(images, batch_size: int = 32,
         batch_size: batch size used when splitting tensors and path lists (iterables keep
             their own batching).
         size: when given, every batch is resized to it (needed for paths of mixed sizes).
+        allow_empty: an iterable or list that yields nothing is not an error (a process's
+            share of a distributed fit may be empty).
     """
     if isinstance(images, torch.Tensor):
         images = check_batch(images)
@@ -138,7 +140,8 @@ def iter_batches(images, batch_size: int = 32,
             chunk = [load_image(p, size) for p in images[start:start + batch_size]]
             shapes = {tuple(t.shape) for t in chunk}
             if len(shapes) > 1:
-                raise InputError(f"images have different sizes {sorted(shapes)}; pass size= to resize")
+                raise InputError(f"images have different sizes {sorted(shapes)}; resize them to one "
+                                 f"size or pass each size in its own call")
             yield torch.stack(chunk)
         return
     if not isinstance(images, Iterable):
@@ -149,5 +152,5 @@ def iter_batches(images, batch_size: int = 32,
         batch = check_batch(_unwrap(item))
         empty = False
         yield resize(batch, size) if size is not None else batch
-    if empty:
+    if empty and not allow_empty:
         raise InputError("images is empty: nothing to process")

@@ -33,9 +33,9 @@ from .serialization import read_model_file, write_model_file
 from .torch_model import PadimEmbedding
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Images per backbone pass while fitting: caps the activation memory whatever the loader's
-# batch size (the statistics still take each loader batch in one update).
-FIT_CHUNK = 16
+# Images per backbone pass and statistics update while fitting: caps the activation and
+# embedding memory whatever the loader's batch size (~5 MB per 256 px resnet18 image).
+FIT_CHUNK = 4
 
 
 class PaDiM:
@@ -158,15 +158,23 @@ class PaDiM:
             self.
         """
         grid = self.embedding.grid_size(*self.input_size)
+        distributed = dist.is_available() and dist.is_initialized()
         stats = GaussianStats(grid[0] * grid[1], self.n_features, device=self.device)
-        with torch.no_grad(), self._bar(images, "PaDiM fit") as bar:
-            for batch in iter_batches(images, self.batch_size):
-                stats.update(self.embedding(self._prepare(batch)[0], chunk=FIT_CHUNK))
-                bar.update(batch.shape[0])
-        if dist.is_available() and dist.is_initialized():
+        self._accumulate(images, stats, allow_empty=distributed)
+        if distributed:
             stats.all_reduce()
         self.gaussian, self.grid = stats.finalize(self.eps), grid
         return self
+
+    @torch.no_grad()
+    def _accumulate(self, images, stats: GaussianStats, allow_empty: bool) -> None:
+        # A method of its own so that the last batch is freed before finalize (peak memory).
+        # Images are resized as they load: a training folder may mix sizes.
+        with self._bar(images, "PaDiM fit") as bar:
+            for batch in iter_batches(images, self.batch_size, self.image_size, allow_empty):
+                for part in self._prepare(batch)[0].split(FIT_CHUNK):
+                    stats.update(self.embedding(part))
+                bar.update(batch.shape[0])
 
     # ------------------------------------------------------------------ predict
 

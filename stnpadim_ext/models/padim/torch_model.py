@@ -74,27 +74,17 @@ class PadimEmbedding(nn.Module):
             probe = torch.zeros(1, 3, height, width, device=param.device, dtype=self.dtype)
             return tuple(self.backbone(probe)[0].shape[-2:])
 
-    def forward(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, H, W] in [0, 1] -> embedding [B, n_features, h, w] float32, channels_last.
 
         Built in [B, h, w, C] layout: each map's kept channels are gathered once and written
         straight into their slice of the output at the finest grid (nearest upsampling as
         index lookups), so no full-width map is upsampled or concatenated.
-
-        Args:
-            x: images.
-            chunk: run the backbone on at most this many images at a time (its activations
-                are the largest temporaries: ~8 MB per 256 px image for resnet18).
         """
-        out = None
-        for start in range(0, x.shape[0], chunk or x.shape[0]):
-            part = x[start:start + (chunk or x.shape[0])]
-            part = ((part - self.mean) / self.std).to(self.dtype)
-            maps = self.backbone(part.contiguous(memory_format=torch.channels_last))
-            if out is None:
-                out = maps[0].new_empty(x.shape[0], *maps[0].shape[-2:], self.n_features,
-                                        dtype=torch.float32)
-            self._gather(maps, out[start:start + part.shape[0]])
+        x = ((x - self.mean) / self.std).to(self.dtype)
+        maps = self.backbone(x.contiguous(memory_format=torch.channels_last))
+        out = maps[0].new_empty(x.shape[0], *maps[0].shape[-2:], self.n_features, dtype=torch.float32)
+        self._gather(maps, out)
         return out.permute(0, 3, 1, 2)
 
     def _gather(self, maps: list[torch.Tensor], out: torch.Tensor) -> None:
