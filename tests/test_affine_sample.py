@@ -244,12 +244,19 @@ def test_backward_is_deterministic_and_splits_channels_consistently(n, c):
 @pytest.mark.parametrize("padding_mode,align_corners", list(itertools.product(PADDINGS, (False, True))))
 @pytest.mark.parametrize("shape,size", [((2, 40, 9, 12), (11, 7)), ((1, 70, 6, 5), (4, 8)),
                                         ((3, 20, 1, 7), (5, 6))])
-def test_many_channel_gradients_match_composition(shape, size, padding_mode, align_corners, dtype):
-    # Bilinear with >= 16 channels has its own backward on channel-interleaved copies: one
+def test_many_channels_match_composition(shape, size, padding_mode, align_corners, dtype):
+    # Bilinear with >= 16 channels has its own kernels on channel-interleaved copies: one
     # block per image for 40 channels, blocks of one image for (1, 70); sizes that are not
-    # multiples of 8 reach the edges of its transposes. A 1-pixel axis stays planar.
+    # multiples of 8 reach the edges of its transposes. A 1-pixel axis stays planar, and so
+    # does the forward of inputs without contiguous planes (channels_last).
     x = torch.rand(*shape, dtype=dtype)
     theta = random_theta(shape[0], dtype)
+    out = affine_sample(x, theta, size, "bilinear", padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, size, "bilinear", padding_mode, align_corners)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL[dtype])
+    for strided in (x.to(memory_format=torch.channels_last), x.repeat_interleave(2, dim=1)[:, ::2]):
+        torch.testing.assert_close(affine_sample(strided, theta, size, "bilinear", padding_mode, align_corners),
+                                   out, rtol=0, atol=TOL[dtype])
     g = torch.randn(shape[0], shape[1], *size, dtype=dtype)
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-11)
     for wrt in ("both", "x", "theta"):

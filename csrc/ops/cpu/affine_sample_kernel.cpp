@@ -14,8 +14,8 @@
 //
 // The forward runs rows in parallel. The input gradient is a scatter, so the backward
 // hands each task whole images (split into channel blocks when there are few images):
-// no two tasks write the same grad_input element. With many channels, the bilinear
-// backward works on channel-interleaved copies instead (see "bilinear, many channels"). theta's gradient is summed per row,
+// no two tasks write the same grad_input element. With many channels, bilinear sampling
+// works on channel-interleaved copies instead (see "bilinear, many channels"). theta's gradient is summed per row,
 // accumulated per task in float64 and the tasks' sums added in a fixed order, so the
 // backward is deterministic.
 //
@@ -824,12 +824,12 @@ C10_ALWAYS_INLINE void backward_tasks_mode(const Problem<T>& p, const T* gout, T
 
 // ----------------------------------------------------------------------------- bilinear, many channels
 
-// With many channels, the bilinear backward of one image's channel block runs on
-// channel-interleaved (HWC) copies of the input, grad_output and grad_input: a pixel's
-// four taps are then four runs of contiguous channels, so the scatter into grad_input and
-// the sums for theta's gradient become vector loops over channels, where planes allow only
-// a scalar scatter. The copies cost three transposes, far less than the scalar scatter
-// (backward 2.5x faster on 64-channel 56x56 maps, one thread). Blocks have at most
+// With many channels, bilinear sampling of one image's channel block runs on
+// channel-interleaved (HWC) copies of the input, output or grad_output, and grad_input: a
+// pixel's four taps are then four runs of contiguous channels, so the blend, the scatter
+// into grad_input and the sums for theta's gradient become vector loops over channels,
+// where planes need gathers and a scalar scatter. The copies cost a transpose each, far
+// less than that (on 64-channel 56x56 maps, one thread: backward 2.5x, forward ~x faster). Blocks have at most
 // kMaxInterleavedBlock channels and kMaxInterleaved elements per copy (a few MB per
 // thread); fewer than kMinInterleavedChannels channels run planar.
 constexpr int64_t kMinInterleavedChannels = 16;
@@ -1027,6 +1027,57 @@ C10_ALWAYS_INLINE void interleaved_tasks_mode(const Problem<T>& p, const T* gout
   }
 }
 
+// Forward of one output pixel over `len` interleaved channels (taps as in pixel_channels).
+template <typename T>
+C10_ALWAYS_INLINE void blend_channels(T ax0, T ax1, T ay0, T ay1, const T* __restrict x, int64_t dx,
+                                      int64_t dy, int64_t len, T* __restrict out) {
+  const int64_t dxy = dx + dy;
+#pragma omp simd
+  for (int64_t c = 0; c < len; ++c) {
+    out[c] = ay0 * (ax0 * x[c] + ax1 * x[dx + c]) + ay1 * (ax0 * x[dy + c] + ax1 * x[dxy + c]);
+  }
+}
+
+// Forward tasks [begin, end) on interleaved copies; a task is one image's channel block
+// [k * block, (k + 1) * block). Needs H, W >= 2 and contiguous input planes.
+template <typename T, int64_t kPad>
+C10_ALWAYS_INLINE void interleaved_forward_mode(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
+                                                int64_t begin, int64_t end) {
+  const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo, W = p.plane.W;
+  const int64_t HW = int64_t{p.plane.H} * W, HWo = Ho * Wo;
+  std::vector<T> x_buf(HW * block), o_row(Wo * block);
+  RowScratch<T> s(p, BilinearPlan<T>::kVals, 1);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = i / per_image, c_begin = (i % per_image) * block;
+    const int64_t cb = std::min(C, c_begin + block) - c_begin;
+    Plane<T> plane = p.plane;
+    plane.sH = static_cast<int32_t>(W * cb);
+    plane.sW = static_cast<int32_t>(cb);
+    const BilinearPlan<T> pl(s, plane);
+    transpose(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
+    for (int64_t h = 0; h < Ho; ++h) {
+      plan_bilinear<T, kPad, false>(pl, RowTransform<T>(p, n, h), plane, s.bx(), Wo);
+      for (int64_t w = 0; w < Wo; ++w) {
+        blend_channels(pl.ax0[w], pl.ax1[w], pl.ay0[w], pl.ay1[w], x_buf.data() + pl.off[w], pl.dx, pl.dy,
+                       cb, o_row.data() + w * cb);
+      }
+      transpose(o_row.data(), cb, out + (n * C + c_begin) * HWo + h * Wo, HWo, Wo, cb);
+    }
+  }
+}
+
+template <typename T>
+C10_ALWAYS_INLINE void interleaved_forward_impl(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
+                                                int64_t begin, int64_t end) {
+  if (p.padding == kZeros) {
+    interleaved_forward_mode<T, kZeros>(p, out, block, per_image, begin, end);
+  } else if (p.padding == kBorder) {
+    interleaved_forward_mode<T, kBorder>(p, out, block, per_image, begin, end);
+  } else {
+    interleaved_forward_mode<T, kReflection>(p, out, block, per_image, begin, end);
+  }
+}
+
 template <typename T, int64_t kPad>
 C10_ALWAYS_INLINE void interleaved_tasks_pad(const Problem<T>& p, const T* gout, T* gin,
                                              const BackwardSplit& split, int64_t begin, int64_t end) {
@@ -1113,6 +1164,14 @@ STNPADIM_ISA_CLONES void backward_tasks(const Problem<double>& p, const double* 
   backward_tasks_impl(p, gout, gin, split, begin, end);
 }
 
+STNPADIM_ISA_CLONES void interleaved_forward(const Problem<float>& p, float* out, int64_t block,
+                                             int64_t per_image, int64_t begin, int64_t end) {
+  interleaved_forward_impl(p, out, block, per_image, begin, end);
+}
+STNPADIM_ISA_CLONES void interleaved_forward(const Problem<double>& p, double* out, int64_t block,
+                                             int64_t per_image, int64_t begin, int64_t end) {
+  interleaved_forward_impl(p, out, block, per_image, begin, end);
+}
 STNPADIM_ISA_CLONES void interleaved_tasks(const Problem<float>& p, const float* gout, float* gin,
                                            const BackwardSplit& split, int64_t begin, int64_t end) {
   interleaved_tasks_impl(p, gout, gin, split, begin, end);
@@ -1157,33 +1216,8 @@ Problem<T> make_problem(const at::Tensor& input, const at::Tensor& theta, int64_
   return p;
 }
 
-at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tensor& theta, int64_t out_h,
-                                       int64_t out_w, int64_t interpolation, int64_t padding,
-                                       bool align_corners) {
-  check_affine_sample_args(input, theta, out_h, out_w, interpolation, padding);
-  TORCH_CHECK(input.is_cpu(), "affine_sample: input must be a CPU tensor here");
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  at::Tensor output = at::empty({N, C, out_h, out_w}, input.options());
-  if (output.numel() == 0) {
-    return output;
-  }
-  const at::Tensor theta_c = theta.contiguous();
-  // Strided inputs are read in place, unless their strides overflow int32 offsets.
-  const at::Tensor x = plane_offsets_fit(input) ? input : input.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "affine_sample_forward_cpu", [&] {
-    const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, N, C, H, W, out_h, out_w,
-                                                       interpolation, padding, align_corners);
-    scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrainWork / (out_w * C));
-    at::parallel_for(0, N * out_h, grain, [&](int64_t begin, int64_t end) {
-      forward_rows(p, out, begin, end);
-    });
-  });
-  return output;
-}
-
-// Channels per block of the interleaved (many-channel bilinear) backward, or 0 where it
-// does not apply. Blocks fit kMaxInterleaved elements; with few images, more blocks, so
+// Channels per block of the interleaved (many-channel bilinear) kernels, or 0 where they
+// do not apply. Blocks fit kMaxInterleaved elements; with few images, more blocks, so
 // that every thread has work.
 int64_t interleaved_block(int64_t interpolation, int64_t N, int64_t C, int64_t H, int64_t W, int64_t want) {
   if (interpolation != kBilinear || C < kMinInterleavedChannels || H < 2 || W < 2) {
@@ -1198,6 +1232,41 @@ int64_t interleaved_block(int64_t interpolation, int64_t N, int64_t C, int64_t H
     blocks = std::max(blocks, std::min(C / kMinInterleavedChannels, (want + N - 1) / N));
   }
   return (C + blocks - 1) / blocks;
+}
+
+at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tensor& theta, int64_t out_h,
+                                       int64_t out_w, int64_t interpolation, int64_t padding,
+                                       bool align_corners) {
+  check_affine_sample_args(input, theta, out_h, out_w, interpolation, padding);
+  TORCH_CHECK(input.is_cpu(), "affine_sample: input must be a CPU tensor here");
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  at::Tensor output = at::empty({N, C, out_h, out_w}, input.options());
+  if (output.numel() == 0) {
+    return output;
+  }
+  const at::Tensor theta_c = theta.contiguous();
+  // Strided inputs are read in place, unless their strides overflow int32 offsets.
+  const at::Tensor x = plane_offsets_fit(input) ? input : input.contiguous();
+  // The interleaved copy is made from whole planes: other layouts run planar.
+  const bool planes = x.stride(3) == 1 && x.stride(2) == W;
+  const int64_t block = planes ? interleaved_block(interpolation, N, C, H, W, 4 * at::get_num_threads()) : 0;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "affine_sample_forward_cpu", [&] {
+    const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, N, C, H, W, out_h, out_w,
+                                                       interpolation, padding, align_corners);
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    if (block > 0) {
+      const int64_t per_image = (C + block - 1) / block;
+      at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
+        interleaved_forward(p, out, block, per_image, begin, end);
+      });
+      return;
+    }
+    const int64_t grain = std::max<int64_t>(1, kGrainWork / (out_w * C));
+    at::parallel_for(0, N * out_h, grain, [&](int64_t begin, int64_t end) {
+      forward_rows(p, out, begin, end);
+    });
+  });
+  return output;
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
