@@ -240,6 +240,40 @@ def test_backward_is_deterministic_and_splits_channels_consistently(n, c):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding_mode,align_corners", list(itertools.product(PADDINGS, (False, True))))
+@pytest.mark.parametrize("shape,size", [((2, 40, 9, 12), (11, 7)), ((1, 70, 6, 5), (4, 8)),
+                                        ((3, 20, 1, 7), (5, 6))])
+def test_many_channels_match_composition(shape, size, padding_mode, align_corners, dtype):
+    # Bilinear with >= 16 channels has its own kernels on channel-interleaved copies: one
+    # block per image for 40 channels, blocks of one image for (1, 70); sizes that are not
+    # multiples of 8 reach the edges of its transposes. A 1-pixel axis stays planar, and so
+    # does the forward of inputs without contiguous planes (channels_last).
+    x = torch.rand(*shape, dtype=dtype)
+    theta = random_theta(shape[0], dtype)
+    out = affine_sample(x, theta, size, "bilinear", padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, size, "bilinear", padding_mode, align_corners)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL[dtype])
+    for strided in (x.to(memory_format=torch.channels_last), x.repeat_interleave(2, dim=1)[:, ::2]):
+        torch.testing.assert_close(affine_sample(strided, theta, size, "bilinear", padding_mode, align_corners),
+                                   out, rtol=0, atol=TOL[dtype])
+    g = torch.randn(shape[0], shape[1], *size, dtype=dtype)
+    rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-11)
+    for wrt in ("both", "x", "theta"):
+        xs = x.clone().requires_grad_(wrt != "theta")
+        ts = theta.clone().requires_grad_(wrt != "x")
+        xr = x.clone().requires_grad_(wrt != "theta")
+        tr = theta.clone().requires_grad_(wrt != "x")
+        ours = torch.autograd.grad(affine_sample(xs, ts, size, "bilinear", padding_mode, align_corners),
+                                   [t for t in (xs, ts) if t.requires_grad], g)
+        ref = torch.autograd.grad(affine_sample_reference(xr, tr, size, "bilinear", padding_mode,
+                                                          align_corners),
+                                  [t for t in (xr, tr) if t.requires_grad], g)
+        for a, b, is_theta in zip(ours, ref, [False, True] if wrt == "both" else [wrt == "theta"]):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol * (10 if is_theta else 1))
+
+
+@needs_kernel
 @pytest.mark.parametrize("mode,padding_mode,align_corners",
                          [c for c in COMBOS if c[0] != "nearest"] + [("nearest", "zeros", False)])
 def test_gradcheck(mode, padding_mode, align_corners):
