@@ -416,6 +416,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_OPTIONS", experiment.ModelOptions(
         image_size=SIZE, stn_epochs=1,
         stn_train={"samples_per_epoch": 16, "batch_size": 8, "image_size": SIZE}))
+    monkeypatch.setattr(demo, "STN_BUDGET", {})
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
