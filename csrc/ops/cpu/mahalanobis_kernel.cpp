@@ -232,6 +232,19 @@ STNPADIM_INLINE void stage(const Args<scalar_t, acc_t>& a, const std::vector<Til
   const float* mean = a.mean + p0 * a.dim;
   for (const Tile& t : tiles) {
     const scalar_t* src = a.emb + t.b0 * a.stride_b + p0 * a.stride_p;
+    if (t.lanes == 1) {
+      // Patch by patch: mean and d stream contiguously; the emb lines (one per channel,
+      // shared by the neighbouring patches) stay in L1 across them.
+      for (int64_t q = 0; q < np; ++q) {
+        const scalar_t* col = src + q * a.stride_p;
+        const float* m = mean + q * a.dim;
+        acc_t* dst = buf + q * patch_stride + t.offset;
+        for (int64_t j = 0; j < a.dim; ++j) {
+          dst[j] = static_cast<acc_t>(col[j * a.stride_c]) - m[j];
+        }
+      }
+      continue;
+    }
     for (int64_t j = 0; j < a.dim; ++j) {
       for (int64_t q = 0; q < np; ++q) {
         const scalar_t* col = src + j * a.stride_c + q * a.stride_p;
