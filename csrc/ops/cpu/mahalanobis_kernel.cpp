@@ -302,7 +302,7 @@ STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t>& a, const std::vect
                                  int64_t patch_stride, int64_t p0, int64_t np, int64_t next_p0,
                                  int64_t block, std::vector<acc_t>& buf) {
   stage(a, tiles, p0, np, patch_stride, buf.data());
-  const bool prefetch = tiles.front().lanes == 1 && next_p0 < a.patches;
+  const bool prefetch = next_p0 < a.patches;
   const int64_t next_np = std::min(block, a.patches - next_p0);
   const float* factor_end = a.factor + a.patches * packed_size(a.dim);
   acc_t sq[kWide<acc_t>];
@@ -338,11 +338,15 @@ STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>
       kStageBytes / static_cast<int64_t>(patch_stride * sizeof(acc_t)), 1, kPatchBlock);
   // kWide spare elements: single_sq_norm reads a full vector at the end of d.
   std::vector<acc_t> buf(static_cast<size_t>(block * patch_stride + kWide<acc_t>));
-  // The next block is claimed before this one is done, so that its input can be fetched.
-  for (int64_t p0 = block * next_block++; p0 < a.patches;) {
-    const int64_t next_p0 = block * next_block++;
+  // A lone embedding claims its next block before this one is done, so that the block's
+  // input can be fetched meanwhile. Batches do not: their blocks are long, and a thread
+  // that the shared machine preempts would hold two of them back from the others.
+  const bool ahead = tiles.front().lanes == 1;
+  int64_t p0 = block * next_block++;
+  while (p0 < a.patches) {
+    const int64_t next_p0 = ahead ? block * next_block++ : a.patches;
     patch_block(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), next_p0, block, buf);
-    p0 = next_p0;
+    p0 = ahead ? next_p0 : block * next_block++;
   }
 }
 
