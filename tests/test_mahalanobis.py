@@ -72,6 +72,22 @@ def test_matches_reference_for_odd_sizes(batch, dim, patches):
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-5)
 
 
+# B = 1 takes its own path (one dot product per factor row); 70 patches span two blocks.
+@pytest.mark.parametrize("dim", [1, 2, 3, 8, 15, 16, 17, 33])
+def test_single_embedding_matches_reference(dim):
+    g = random_gaussian(70, dim, seed=1000 + dim)
+    emb = torch.randn(1, dim, 70, dtype=torch.float64) * 3 + g.mean.T
+    patch_inner = emb.permute(2, 0, 1).contiguous().permute(1, 2, 0)          # stride_p = C
+    strided = torch.randn(1, 2 * dim, 140, dtype=torch.float64)[:, ::2, ::2].copy_(emb)
+    for variant in (emb, patch_inner, strided):
+        want = mahalanobis_reference(variant, g)
+        torch.testing.assert_close(sp.mahalanobis(variant, g), want, rtol=1e-12, atol=1e-12)
+        want32 = mahalanobis_reference(variant.float().double(), g)
+        got32 = sp.mahalanobis(variant.float(), g)
+        assert got32.dtype == torch.float32
+        torch.testing.assert_close(got32.double(), want32, rtol=2e-5, atol=1e-5)
+
+
 def test_float64_input_is_computed_and_returned_in_float64():
     g = random_gaussian(6, 19, seed=3)
     emb = torch.randn(5, 19, 6, dtype=torch.float64)

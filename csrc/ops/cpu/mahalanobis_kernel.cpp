@@ -232,6 +232,19 @@ STNPADIM_INLINE void stage(const Args<scalar_t, acc_t>& a, const std::vector<Til
   const float* mean = a.mean + p0 * a.dim;
   for (const Tile& t : tiles) {
     const scalar_t* src = a.emb + t.b0 * a.stride_b + p0 * a.stride_p;
+    if (t.lanes == 1) {
+      // Patch by patch: mean and d stream contiguously; the emb lines (one per channel,
+      // shared by the neighbouring patches) stay in L1 across them.
+      for (int64_t q = 0; q < np; ++q) {
+        const scalar_t* col = src + q * a.stride_p;
+        const float* m = mean + q * a.dim;
+        acc_t* dst = buf + q * patch_stride + t.offset;
+        for (int64_t j = 0; j < a.dim; ++j) {
+          dst[j] = static_cast<acc_t>(col[j * a.stride_c]) - m[j];
+        }
+      }
+      continue;
+    }
     for (int64_t j = 0; j < a.dim; ++j) {
       for (int64_t q = 0; q < np; ++q) {
         const scalar_t* col = src + j * a.stride_c + q * a.stride_p;
@@ -248,14 +261,55 @@ STNPADIM_INLINE void stage(const Args<scalar_t, acc_t>& a, const std::vector<Til
   }
 }
 
+// Prefetches slice `part` of `parts` of the lines that stage() will read of the
+// single-lane tiles for patches p0 .. p0 + np - 1 (and their mean). For a lone embedding
+// these are a line or two per channel on as many pages: fetched in one go at staging,
+// the misses stall the core for about a tenth of the patches' time.
+template <typename scalar_t, typename acc_t>
+STNPADIM_INLINE void prefetch_stage(const Args<scalar_t, acc_t>& a, const std::vector<Tile>& tiles,
+                                    int64_t p0, int64_t np, int64_t part, int64_t parts) {
+  constexpr int64_t kLine = 64;
+  const char* mean = reinterpret_cast<const char*>(a.mean + p0 * a.dim);
+  const int64_t mean_lines = (np * a.dim * static_cast<int64_t>(sizeof(float)) + kLine - 1) / kLine;
+  for (int64_t k = mean_lines * part / parts; k < mean_lines * (part + 1) / parts; ++k) {
+    __builtin_prefetch(mean + k * kLine);
+  }
+  // A [dim, np] box of emb per tile: runs along the axis of the smaller stride.
+  const bool channel_runs = a.stride_c < a.stride_p;
+  const int64_t outer_n = channel_runs ? np : a.dim, inner_n = channel_runs ? a.dim : np;
+  const int64_t outer_stride = channel_runs ? a.stride_p : a.stride_c;
+  const int64_t inner_bytes = (channel_runs ? a.stride_c : a.stride_p) * sizeof(scalar_t);
+  const int64_t inner_step = inner_bytes >= kLine ? 1 : kLine / std::max<int64_t>(inner_bytes, 1);
+  for (const Tile& t : tiles) {
+    if (t.lanes != 1) {
+      continue;
+    }
+    const scalar_t* src = a.emb + t.b0 * a.stride_b + p0 * a.stride_p;
+    for (int64_t o = outer_n * part / parts; o < outer_n * (part + 1) / parts; ++o) {
+      const char* run = reinterpret_cast<const char*>(src + o * outer_stride);
+      for (int64_t k = 0; k < inner_n; k += inner_step) {
+        __builtin_prefetch(run + k * inner_bytes);
+      }
+      __builtin_prefetch(run + (inner_n - 1) * inner_bytes);
+    }
+  }
+}
+
+// Patches p0 .. p0 + np - 1; next_p0 (if below the patch count) is the block that this
+// thread does next, whose staging input is prefetched meanwhile.
 template <typename scalar_t, typename acc_t>
 STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t>& a, const std::vector<Tile>& tiles,
-                                 int64_t patch_stride, int64_t p0, int64_t np,
-                                 std::vector<acc_t>& buf) {
+                                 int64_t patch_stride, int64_t p0, int64_t np, int64_t next_p0,
+                                 int64_t block, std::vector<acc_t>& buf) {
   stage(a, tiles, p0, np, patch_stride, buf.data());
+  const bool prefetch = next_p0 < a.patches;
+  const int64_t next_np = std::min(block, a.patches - next_p0);
   const float* factor_end = a.factor + a.patches * packed_size(a.dim);
   acc_t sq[kWide<acc_t>];
   for (int64_t q = 0; q < np; ++q) {
+    if (prefetch) {
+      prefetch_stage(a, tiles, next_p0, next_np, q, np);
+    }
     const int64_t p = p0 + q;
     const float* factor = a.factor + p * packed_size(a.dim);
     const acc_t* d = buf.data() + q * patch_stride;
@@ -284,8 +338,15 @@ STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>
       kStageBytes / static_cast<int64_t>(patch_stride * sizeof(acc_t)), 1, kPatchBlock);
   // kWide spare elements: single_sq_norm reads a full vector at the end of d.
   std::vector<acc_t> buf(static_cast<size_t>(block * patch_stride + kWide<acc_t>));
-  for (int64_t p0 = block * next_block++; p0 < a.patches; p0 = block * next_block++) {
-    patch_block(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), buf);
+  // A lone embedding claims its next block before this one is done, so that the block's
+  // input can be fetched meanwhile. Batches do not: their blocks are long, and a thread
+  // that the shared machine preempts would hold two of them back from the others.
+  const bool ahead = tiles.front().lanes == 1;
+  int64_t p0 = block * next_block++;
+  while (p0 < a.patches) {
+    const int64_t next_p0 = ahead ? block * next_block++ : a.patches;
+    patch_block(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), next_p0, block, buf);
+    p0 = ahead ? next_p0 : block * next_block++;
   }
 }
 
