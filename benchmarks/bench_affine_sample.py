@@ -22,7 +22,7 @@ from stnpadim_ext.ops.affine_sample import affine_sample, affine_sample_referenc
 
 CASES = {"B32-C3-224": (32, 3, 224, 224), "B32-C64-56": (32, 64, 56, 56)}
 # rounds per kind of call: one forward on 2 CPU cores is ~5-20 ms, a backward ~3x that.
-KINDS = {"fwd": 10, "fwd+bwd": 5, "fwd+bwd-theta": 5}
+KINDS = {"fwd": 20, "fwd+bwd": 10, "fwd+bwd-theta": 10}
 ROLES = {"ours": affine_sample, "anchor": affine_sample_reference}
 HAS_CUDA = torch.cuda.is_available() and _backend.has_kernel("affine_sample", "cuda")
 HAS_CPU = _backend.has_kernel("affine_sample", "cpu")

@@ -1,8 +1,9 @@
 """Speed-up of our code over its anchor, per benchmark case, from pytest-benchmark records.
 
-Every benchmark sets extra_info role ("ours" | "anchor"), case, flops and bytes (see
-benchmarks/README.md). Ratios compare two timings taken in the same run, so they survive
-a noisy shared machine far better than absolute times.
+Every benchmark sets extra_info role ("ours" | "anchor"), case, flops and bytes (each
+bench_*.py says how it counts them). Ratios compare two timings taken in the same run, so they survive
+a noisy shared machine far better than absolute times. Each side's time is its best round:
+other jobs only ever add time, so the minimum is the least disturbed estimate of both.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def case_table(records: list[dict]) -> dict[str, dict]:
         if role not in ("ours", "anchor") or not case:
             continue
         row = cases.setdefault(case, {})
-        row[f"{role}_s"] = rec["stats"]["median"]
+        row[f"{role}_s"] = rec["stats"]["min"]
         if role == "ours":
             row["flops"], row["bytes"] = info.get("flops", 0.0), info.get("bytes", 0.0)
             row.update({k: v for k, v in info.items() if k.startswith("peak_")})
