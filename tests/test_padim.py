@@ -20,7 +20,7 @@ from stnpadim_ext.data.mvtec import load_category
 from stnpadim_ext.errors import InputError
 from stnpadim_ext.models.padim import PaDiM, load
 from stnpadim_ext.models.padim import serialization
-from stnpadim_ext.models.padim.anomaly_map import gaussian_blur
+from stnpadim_ext.models.padim.anomaly_map import distance_to_map, gaussian_blur
 from stnpadim_ext.models.padim.torch_model import PadimEmbedding, channel_subset
 from stnpadim_ext.models.backbones import build_backbone
 
@@ -87,6 +87,20 @@ def test_blur_matches_scipy_gaussian_filter():
     want = np.stack([ndimage.gaussian_filter(m, sigma=4.0, mode="mirror", truncate=4.0)
                      for m in maps.numpy()])
     np.testing.assert_allclose(ours.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid,size", [((16, 16), (64, 64)), ((7, 9), (61, 45)), ((5, 6), (20, 30)),
+                                       ((12, 10), (8, 33))])
+def test_distance_to_map_is_upsample_then_blur(grid, size):
+    # (5, 6) -> (20, 30) is narrower than the blur radius (replicate borders); (12, 10) ->
+    # (8, 33) shrinks one axis.
+    distance = torch.rand(3, grid[0] * grid[1], dtype=torch.float64)
+    up = F.interpolate(distance.view(3, 1, *grid), size=size, mode="bilinear", align_corners=False)
+    want = gaussian_blur(up[:, 0], sigma=4.0)
+    torch.testing.assert_close(distance_to_map(distance, grid, size), want, rtol=1e-10, atol=1e-12)
+    got32 = distance_to_map(distance.float(), grid, size)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32, want.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_maps_come_back_in_input_resolution(small_model):

@@ -1,8 +1,9 @@
 """From per-patch distances to an anomaly map in the input image's frame.
 
 distance [B, P] -> [B, h, w] -> bilinear upsample to the model's input grid -> separable
-Gaussian blur (sigma 4, as the PaDiM paper and anomalib) -> resize, or warp back by the
-inverse of the STN / crop transform, into the input image's resolution.
+Gaussian blur (sigma 4, as the PaDiM paper and anomalib; the two fused into one matrix per
+axis) -> resize, or warp back by the inverse of the STN / crop transform, into the input
+image's resolution.
 
 The blur runs on the model's input grid (image_size, or the crop), so sigma = 4 px means what
 it means in the paper at 224-256 px, whatever the resolution of the images handed in.
@@ -23,6 +24,11 @@ def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.T
     return (kernel / kernel.sum()).to(dtype)
 
 
+def _border_mode(radius: int, height: int, width: int) -> str:
+    # reflect padding needs the pad to be shorter than the side; replicate beyond that.
+    return "reflect" if radius < min(height, width) else "replicate"
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of maps [B, H, W] with reflect borders (anomalib's GaussianBlur2d).
 
@@ -30,21 +36,35 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     """
     kernel = gaussian_kernel1d(sigma, maps.device, maps.dtype)
     radius = kernel.numel() // 2
-    height, width = maps.shape[-2:]
-    # reflect padding needs the pad to be shorter than the side; replicate beyond that.
-    mode = "reflect" if radius < min(height, width) else "replicate"
+    mode = _border_mode(radius, *maps.shape[-2:])
     x = maps[:, None]
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
     x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
     return x[:, 0]
 
 
+def _upsample_blur_operator(n_in: int, n_out: int, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """[n_out, n_in]: bilinear resampling of one axis followed by the blur, as one matrix."""
+    basis = torch.eye(n_in, dtype=kernel.dtype, device=kernel.device).view(n_in, 1, n_in, 1)
+    x = F.interpolate(basis, size=(n_out, 1), mode="bilinear", align_corners=False)
+    radius = kernel.numel() // 2
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return x[:, 0, :, 0].T
+
+
 def distance_to_map(distance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
                     sigma: float = 4.0) -> torch.Tensor:
-    """Distances [B, h*w] on the embedding grid -> smoothed map [B, *size] on the model's input grid."""
-    maps = distance.view(distance.shape[0], 1, *grid)
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(maps, sigma)
+    """Distances [B, h*w] on the embedding grid -> smoothed map [B, *size] on the model's input grid.
+
+    Equals gaussian_blur(bilinear upsampling): both are separable and linear, so each axis
+    is one small [size, grid] matrix (built in float64) and the map is rows @ d @ cols^T,
+    ~10x cheaper than convolving the upsampled maps.
+    """
+    kernel = gaussian_kernel1d(sigma, distance.device, torch.float64)
+    mode = _border_mode(kernel.numel() // 2, *size)
+    rows = _upsample_blur_operator(grid[0], size[0], kernel, mode).to(distance.dtype)
+    cols = _upsample_blur_operator(grid[1], size[1], kernel, mode).to(distance.dtype)
+    return rows @ distance.view(-1, *grid) @ cols.T
 
 
 def to_input_frame(maps: torch.Tensor, size: tuple[int, int],
