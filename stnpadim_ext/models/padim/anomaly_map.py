@@ -14,33 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops.affine_sample import affine_sample
-
-
-def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normalised Gaussian taps [2r + 1], r = int(4 sigma + 0.5) (anomalib's / scipy's truncation)."""
-    radius = int(4.0 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).to(dtype)
-
-
-def _border_mode(radius: int, height: int, width: int) -> str:
-    # reflect padding needs the pad to be shorter than the side; replicate beyond that.
-    return "reflect" if radius < min(height, width) else "replicate"
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of maps [B, H, W] with reflect borders (anomalib's GaussianBlur2d).
-
-    Two 1-D passes cost 2(2r+1) multiply-adds per pixel instead of (2r+1)^2 for the 2-D kernel.
-    """
-    kernel = gaussian_kernel1d(sigma, maps.device, maps.dtype)
-    radius = kernel.numel() // 2
-    mode = _border_mode(radius, *maps.shape[-2:])
-    x = maps[:, None]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
-    return x[:, 0]
+from ..blur import border_mode, gaussian_kernel1d
 
 
 def _upsample_blur_operator(n_in: int, n_out: int, kernel: torch.Tensor, mode: str) -> torch.Tensor:
@@ -60,8 +34,8 @@ def distance_to_map(distance: torch.Tensor, grid: tuple[int, int], size: tuple[i
     is one small [size, grid] matrix (built in float64) and the map is rows @ d @ cols^T,
     ~10x cheaper than convolving the upsampled maps.
     """
-    kernel = gaussian_kernel1d(sigma, distance.device, torch.float64)
-    mode = _border_mode(kernel.numel() // 2, *size)
+    kernel = gaussian_kernel1d(sigma, device=distance.device, dtype=torch.float64)
+    mode = border_mode(kernel.numel() // 2, *size)
     rows = _upsample_blur_operator(grid[0], size[0], kernel, mode).to(distance.dtype)
     cols = _upsample_blur_operator(grid[1], size[1], kernel, mode).to(distance.dtype)
     return rows @ distance.view(-1, *grid) @ cols.T

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops.affine_sample import affine_sample
+from ..blur import gaussian_blur
 from .transforms import affine_theta, similarity_theta
 
 TRANSFORMS = ("similarity", "affine")
@@ -87,7 +88,9 @@ class STN(nn.Module):
         small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=True) - 0.5
         if self.config["highpass"] > 0:
-            small = 4 * (small - _gaussian_blur(small, self.config["highpass"]))
+            sigma = self.config["highpass"]
+            radius = max(1, min(int(3 * sigma), size - 1))
+            small = 4 * (small - gaussian_blur(small, sigma, radius))
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype),
                                 torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype),
                                 indexing="ij")
@@ -115,14 +118,3 @@ class STN(nn.Module):
         """Aligns x [B, 3, H, W] -> (aligned [B, 3, H, W], theta [B, 2, 3])."""
         theta = self.predict_theta(x)
         return self.warp(x, theta), theta
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B, C, H, W] with reflected borders."""
-    radius = max(1, min(int(3 * sigma), min(x.shape[-2:]) - 1))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-taps.square() / (2 * sigma ** 2))
-    kernel = (kernel / kernel.sum()).expand(x.shape[1], 1, -1)
-    x = F.pad(x, (radius,) * 4, mode="reflect")
-    x = F.conv2d(x, kernel[:, :, None, :], groups=x.shape[1])
-    return F.conv2d(x, kernel[:, :, :, None], groups=x.shape[1])
