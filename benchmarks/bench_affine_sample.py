@@ -66,7 +66,7 @@ def _run(benchmark, device, case, kind, role):
     if role == "ours":  # both sides compute the same thing
         ours = call()
         ours = ours if isinstance(ours, tuple) else (ours,)
-        for a, b in zip(ours, _anchor_result(x, theta, kind, shape, device)):
+        for a, b in zip(ours, _anchor_result(x, theta, kind, shape, device), strict=True):
             # theta's gradient sums ~1e5 terms whose float32 rounding (of the sampling
             # points, on noise images) differs between the two: compare to its scale.
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 + 1e-2 * b.abs().max().item())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from ratios import case_table, format_table
 
 _rates: dict[str, dict] = {}

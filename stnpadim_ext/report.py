@@ -206,11 +206,11 @@ def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_M
         return "| " + " | ".join([name] + cells) + " |"
 
     for category in categories:
-        lines.append(row(category, lambda label: arms[label]["categories"].get(category, {})))
+        lines.append(row(category, lambda label, c=category: arms[label]["categories"].get(c, {})))
     for name, members in (groups or {}).items():
         present = [c for c in members if c in categories]
         if present:
-            lines.append(row(f"mean ({name})", lambda label: summarize(
+            lines.append(row(f"mean ({name})", lambda label, present=present: summarize(
                 {c: arms[label]["categories"][c] for c in present
                  if c in arms[label]["categories"]})["mean"]))
     lines.append(row("**mean**", lambda label: arms[label]["mean"]))

@@ -84,7 +84,8 @@ def test_forward_matches_composition(mode, padding_mode, align_corners, dtype):
 @pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
 def test_large_rotations_scales_and_translations(mode, padding_mode, align_corners):
     angles = torch.empty(6).uniform_(-math.pi, math.pi).tolist()
-    params = zip(angles, (0.3, 2.5, 1.0, 0.7, 4.0, 1.3), (0.0, 0.4, 3.0, -2.5, 0.0, 1.7), (0.0, -0.3, 0.0, 2.0, -3.5, -1.1))
+    params = zip(angles, (0.3, 2.5, 1.0, 0.7, 4.0, 1.3), (0.0, 0.4, 3.0, -2.5, 0.0, 1.7),
+                 (0.0, -0.3, 0.0, 2.0, -3.5, -1.1), strict=True)
     theta = torch.stack([similarity(a, s, tx, ty) for a, s, tx, ty in params])
     x = torch.rand(6, 3, 11, 14, dtype=torch.float64)
     out = affine_sample(x, theta, (10, 9), mode, padding_mode, align_corners)
@@ -179,7 +180,7 @@ def test_strided_input_gradients_match_contiguous():
     xc = x.detach().contiguous().requires_grad_()
     thc = theta.detach().clone().requires_grad_()
     ref = torch.autograd.grad(affine_sample_reference(xc, thc, (7, 8)), (xc, thc), g)
-    for a, b in zip(grads, ref):
+    for a, b in zip(grads, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -233,7 +234,7 @@ def test_backward_is_deterministic_and_splits_channels_consistently(n, c):
     g = torch.randn(n, c, 11, 13)
     first = torch.autograd.grad(affine_sample(x, theta, (11, 13)), (x, theta), g)
     second = torch.autograd.grad(affine_sample(x, theta, (11, 13)), (x, theta), g)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     ref = torch.autograd.grad(affine_sample_reference(x, theta, (11, 13)), (x, theta), g)
     torch.testing.assert_close(first[0], ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(first[1], ref[1], rtol=1e-4, atol=1e-4)
@@ -269,7 +270,7 @@ def test_many_channels_match_composition(shape, size, padding_mode, align_corner
         ref = torch.autograd.grad(affine_sample_reference(xr, tr, size, "bilinear", padding_mode,
                                                           align_corners),
                                   [t for t in (xr, tr) if t.requires_grad], g)
-        for a, b, is_theta in zip(ours, ref, [False, True] if wrt == "both" else [wrt == "theta"]):
+        for a, b, is_theta in zip(ours, ref, [False, True] if wrt == "both" else [wrt == "theta"], strict=True):
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol * (10 if is_theta else 1))
 
 
@@ -419,7 +420,7 @@ def test_cuda_matches_composition(mode, padding_mode, align_corners, dtype):
     grads = torch.autograd.grad(out, (x, theta), g)
     refs = torch.autograd.grad(ref, (x, theta), g)
     rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-9, 1e-10)
-    for a, b in zip(grads, refs):
+    for a, b in zip(grads, refs, strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 

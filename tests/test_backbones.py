@@ -14,7 +14,7 @@ def test_efficientnet_lite0_features(size):
     assert net.channels == (24, 40, 112) and net.strides == (4, 8, 16)
     with torch.no_grad():
         maps = net(torch.randn(2, 3, *size))
-    for feature, channels, stride in zip(maps, net.channels, net.strides):
+    for feature, channels, stride in zip(maps, net.channels, net.strides, strict=True):
         # "same" padding: ceil(size / stride), for any input size
         assert feature.shape == (2, channels, -(-size[0] // stride), -(-size[1] // stride))
 
@@ -36,7 +36,7 @@ def test_efficientnet_lite0_taps_the_bundled_imagenet_network():
             h = block(h)
             if i in (2, 4, 10):
                 taps.append(h)
-    for mine, theirs in zip(ours, taps):   # BatchNorm folded into the convs: same maps
+    for mine, theirs in zip(ours, taps, strict=True):   # BatchNorm folded into the convs: same maps
         torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(random[2], taps[2], rtol=1e-2, atol=1e-2)
 
@@ -60,7 +60,7 @@ def test_resnet18_weights_file_matches_torchvision_layers(tmp_path):
         r1 = reference.layer1(r)
         r2 = reference.layer2(r1)
         r3 = reference.layer3(r2)
-    for ours, theirs in zip((f1, f2, f3), (r1, r2, r3)):
+    for ours, theirs in zip((f1, f2, f3), (r1, r2, r3), strict=True):
         torch.testing.assert_close(ours, theirs)
 
 

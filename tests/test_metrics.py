@@ -103,7 +103,7 @@ def _aupro_brute(masks, maps, limit):
         points.append((fpr, pro))
     points.append((1.0, 1.0))
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:], strict=True):
         if x1 > x0 and x0 < limit:  # the part of each straight segment left of the limit
             end = min(x1, limit)
             y_end = y0 + (y1 - y0) * (end - x0) / (x1 - x0)

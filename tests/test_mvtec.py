@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stnpadim_ext.data.mvtec import (MVTEC_CATEGORIES, MVTEC_TEXTURES, list_categories,
-                                     load_category, load_mask)
+from stnpadim_ext.data.mvtec import MVTEC_CATEGORIES, MVTEC_TEXTURES, list_categories, load_category, load_mask
 from stnpadim_ext.data.synth import DEFECTS, make_dataset
 from stnpadim_ext.errors import InputError
 

@@ -18,12 +18,11 @@ import stnpadim_ext as sp
 from stnpadim_ext.api import score
 from stnpadim_ext.data.mvtec import load_category
 from stnpadim_ext.errors import InputError
-from stnpadim_ext.models.padim import PaDiM, load
-from stnpadim_ext.models.padim import serialization
+from stnpadim_ext.models.backbones import build_backbone
 from stnpadim_ext.models.blur import gaussian_blur
+from stnpadim_ext.models.padim import PaDiM, load, serialization
 from stnpadim_ext.models.padim.anomaly_map import distance_to_map
 from stnpadim_ext.models.padim.torch_model import PadimEmbedding, channel_subset
-from stnpadim_ext.models.backbones import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,18 @@ import torch
 from PIL import Image
 
 from stnpadim_ext.errors import InputError
-from stnpadim_ext.report import (atomic_file, colorize, markdown_table, mask_overlay, overlay,
-                                 summarize, write_heatmap, write_json, write_scores_csv,
-                                 write_text)
+from stnpadim_ext.report import (
+    atomic_file,
+    colorize,
+    markdown_table,
+    mask_overlay,
+    overlay,
+    summarize,
+    write_heatmap,
+    write_json,
+    write_scores_csv,
+    write_text,
+)
 
 
 def test_atomic_file_keeps_old_content_when_writing_fails(tmp_path):

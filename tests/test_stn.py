@@ -8,8 +8,17 @@ import torch.nn.functional as F
 
 import stnpadim_ext as sp
 from stnpadim_ext.errors import InputError
-from stnpadim_ext.models.stn import (STN, compose, identity_theta, invert_theta, measure_alignment,
-                                     random_similarity, similarity_theta, theta_pose, train_stn)
+from stnpadim_ext.models.stn import (
+    STN,
+    compose,
+    identity_theta,
+    invert_theta,
+    measure_alignment,
+    random_similarity,
+    similarity_theta,
+    theta_pose,
+    train_stn,
+)
 from stnpadim_ext.models.stn.losses import msssim_score, photometric_loss, pose_loss
 from stnpadim_ext.models.stn.register import congeal
 from stnpadim_ext.models.stn.transforms import affine_theta

@@ -11,8 +11,7 @@ import numpy as np
 from ..data.images import load_image
 from ..data.mvtec import load_category
 from ..data.synth import CATEGORIES, make_dataset
-from ..report import (markdown_table, mask_overlay, overlay, summarize, to_rgb8, write_image,
-                      write_json, write_text)
+from ..report import markdown_table, mask_overlay, overlay, summarize, to_rgb8, write_image, write_json, write_text
 from .experiment import ModelOptions, Predictions, run_category
 from .parser import at_least
 

@@ -51,7 +51,7 @@ def run(args) -> int:
     vmin, vmax = float(maps.min()), args.vmax or float(maps.max())
     rows = []
     names = heatmap_names(paths)
-    for path, name, score, amap in tqdm(list(zip(paths, names, scores.tolist(), maps)),
+    for path, name, score, amap in tqdm(list(zip(paths, names, scores.tolist(), maps, strict=True)),
                                         desc="heatmaps", unit="img", disable=not args.progress):
         write_heatmap(out / name, load_image(path), amap, vmin, vmax)
         rows.append({"image": str(path), "score": f"{score:.6g}", "heatmap": name})

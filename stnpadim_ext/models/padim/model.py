@@ -75,7 +75,7 @@ class PaDiM:
             raise InputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
         self.image_size = _pair(image_size, "image_size", minimum=32)
         self.center_crop = None if center_crop is None else _pair(center_crop, "center_crop", 32)
-        if self.center_crop and any(c > s for c, s in zip(self.center_crop, self.image_size)):
+        if self.center_crop and any(c > s for c, s in zip(self.center_crop, self.image_size, strict=True)):
             raise InputError(f"center_crop {self.center_crop} is larger than image_size {self.image_size}")
         if int(batch_size) < 1:
             raise InputError(f"batch_size must be >= 1; got {batch_size}")

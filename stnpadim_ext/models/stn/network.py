@@ -68,7 +68,7 @@ class STN(nn.Module):
                        "pool_size": int(pool_size), "highpass": float(highpass)}
         channels = [5, width, width * 2, width * 4, width * 4]
         layers = []
-        for cin, cout in zip(channels[:-1], channels[1:]):
+        for cin, cout in zip(channels[:-1], channels[1:], strict=True):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout),
                        nn.ReLU()]
         self.features = nn.Sequential(*layers)

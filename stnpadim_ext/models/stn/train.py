@@ -182,10 +182,10 @@ class _Step:
         if stn.training:
             seen = _perturb(seen, gen)
         thetas = stn.predict_theta(seen).split(x.shape[0])
-        outputs = [affine_sample(w, t) for w, t in zip(warped, thetas)]
+        outputs = [affine_sample(w, t) for w, t in zip(warped, thetas, strict=True)]
         # Valid where theta's sample lands inside the view and A's inside the original.
-        masks = [affine_sample(affine_sample(ones, a), t).detach() for a, t in zip(views, thetas)]
-        frames = [compose(a, t) for a, t in zip(views, thetas)]
+        masks = [affine_sample(affine_sample(ones, a), t).detach() for a, t in zip(views, thetas, strict=True)]
+        frames = [compose(a, t) for a, t in zip(views, thetas, strict=True)]
         if self.objective == "reconstruct":
             image, score = photometric_loss(outputs[0], x, masks[0], self.alpha, self.beta)
             return image + self.gamma * pose_loss(frames[0], eye), score

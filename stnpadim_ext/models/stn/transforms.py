@@ -81,8 +81,8 @@ def invert_theta(theta: torch.Tensor) -> torch.Tensor:
     """
     if theta.dim() != 3 or tuple(theta.shape[1:]) != (2, 3):
         raise ValueError(f"theta must have shape [B, 2, 3]; got {list(theta.shape)}")
-    a, b, tx = theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2]
-    c, d, ty = theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2]
+    a, b = theta[:, 0, 0], theta[:, 0, 1]
+    c, d = theta[:, 1, 0], theta[:, 1, 1]
     det = a * d - b * c
     inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[:, None, None]
     t = -(inv @ theta[:, :, 2:])
