@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from stnpadim_ext.models.backbones import TORCHVISION_FILES, torchvision_weights_path  # noqa: E402
+from stnpadim_ext.models.backbones import torchvision_weights_path  # noqa: E402
 from stnpadim_ext.models.padim import PaDiM  # noqa: E402
 
 SIZE, BATCH, N_FIT = 256, 32, 256
@@ -46,7 +46,7 @@ def resnet18_weights(folder: Path) -> Path:
         return cached
     import torchvision
 
-    path = folder / f"random-{TORCHVISION_FILES['resnet18']}"
+    path = folder / f"random-{cached.name}"
     if not path.is_file():
         torch.manual_seed(0)
         torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)

@@ -74,12 +74,15 @@ def test_wide_resnet50_2_shapes_random_init():
 
 @pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
 def test_missing_torchvision_weights_offline_say_where_to_put_them(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("STNPADIM_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(InputError) as info:
         build_backbone(name, pretrained=True)
     message = str(info.value)
-    assert str(tmp_path / "checkpoints" / backbones.TORCHVISION_FILES[name]) in message
-    assert "weights=" in message and "\n" not in message
+    path = backbones.torchvision_weights_path(name)
+    assert path.parent == tmp_path / "checkpoints" and str(path) in message
+    assert backbones.torchvision_weights_url(name) in message
+    assert "STNPADIM_OFFLINE" in message and "weights=FILE" in message and "\n" not in message
 
 
 def test_torchvision_cache_file_is_used(tmp_path, monkeypatch):

