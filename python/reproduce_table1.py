@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone", choices=list(BACKBONES), default="resnet18",
                         help="resnet18 or wide_resnet50_2 are the paper's")
     parser.add_argument("--weights", metavar="FILE", help="backbone weights file (default: "
-                        "torchvision's cache)")
+                        "torchvision's, from torch.hub's cache or downloaded into it once)")
     parser.add_argument("--categories", nargs="+", default=list(MVTEC_CATEGORIES), metavar="C")
     parser.add_argument("--stn", choices=("reconstruct", "canonical", "auto"), default="reconstruct",
                         help="STN objective; auto: canonical for random-pose categories "

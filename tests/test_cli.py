@@ -280,6 +280,26 @@ def test_fit_backbone_weights_missing_offline(data, tmp_path, capsys, monkeypatc
     assert not out.exists()
 
 
+def test_fit_backbone_weights_download_fails(data, tmp_path, capsys, monkeypatch, closed_port):
+    monkeypatch.delenv("STNPADIM_OFFLINE")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("STNPADIM_WEIGHTS_URL_BASE", f"http://127.0.0.1:{closed_port}/models")
+    out = tmp_path / "m.padim"
+    code = main([str(a) for a in ["fit", "--data", data, "--category", "fabric",
+                                  "--backbone", "resnet18", *FIT, "--out", out]])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, (code, err)
+    # the "Downloading: URL to PATH" notice, then the one error line
+    assert len(lines) == 2 and lines[0].startswith("Downloading: "), err
+    assert lines[1].startswith("stnpadim: error: resnet18: could not download"), err
+    for part in (f"http://127.0.0.1:{closed_port}/models/resnet18-f37072fd.pth",
+                 str(tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"),
+                 "--weights FILE"):
+        assert part in lines[1], (part, lines[1])
+    assert leftovers(tmp_path / "torch_home") == ["hub", "hub/checkpoints"] and not out.exists()
+
+
 def test_fit_weights_file_missing(data, tmp_path, capsys):
     weights = tmp_path / "resnet18.pth"
     out = tmp_path / "m.padim"

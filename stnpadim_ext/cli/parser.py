@@ -56,8 +56,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--backbone", choices=list(BACKBONES),
                        help=f"feature extractor (default: {defaults.backbone}, works offline)")
-    group.add_argument("--weights", metavar="FILE", help="backbone state-dict file (for "
-                       "resnet18 / wide_resnet50_2 when torchvision's cache lacks them)")
+    group.add_argument("--weights", metavar="FILE", help="backbone state-dict file (default: "
+                       "resnet18 / wide_resnet50_2 read torchvision's ImageNet file from torch.hub's "
+                       "cache, downloaded once unless STNPADIM_OFFLINE=1)")
     group.add_argument("--stn", choices=STN_CHOICES,
                        help=f"STN objective, or none for plain PaDiM (default: {defaults.stn})")
     group.add_argument("--stn-epochs", type=at_least(1), metavar="N",

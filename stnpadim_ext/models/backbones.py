@@ -192,12 +192,12 @@ def fetch_torchvision_weights(name: str) -> Path:
     if path.is_file():
         return path
     url = torchvision_weights_url(name)
-    by_hand = (f"copy {path.name} from {url} to {path}, pass weights=FILE (CLI: --weights FILE), "
-               "or use backbone='efficientnet_lite0' whose weights ship with the package")
+    by_hand = f"copy {path.name} from {url} to {path}, pass weights=FILE (CLI: --weights FILE)"
+    lite = "or use backbone='efficientnet_lite0' whose weights ship with the package"
     variable = offline_variable()
     if variable is not None:
         raise InputError(f"{name}: ImageNet weights not found at {path} (no download: {variable} "
-                         f"is set); {by_hand}")
+                         f"is set); {by_hand}, {lite}")
     print(f'Downloading: "{url}" to {path}', file=sys.stderr)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,8 +209,8 @@ def fetch_torchvision_weights(name: str) -> Path:
         # is the hash mismatch; ValueError a malformed mirror URL.
         reason = (str(exc).splitlines() or [""])[0]
         raise InputError(f"{name}: could not download ImageNet weights from {url} "
-                         f"({type(exc).__name__}: {reason}); {by_hand}, or set "
-                         f"{MIRROR_VARIABLE} to a mirror") from None
+                         f"({type(exc).__name__}: {reason}); {by_hand}, set {MIRROR_VARIABLE} "
+                         f"to a mirror, {lite}") from None
     return path
 
 

@@ -43,8 +43,9 @@ class PaDiM:
 
     Args:
         backbone: "efficientnet_lite0" (weights ship with the package: works offline),
-            "resnet18" or "wide_resnet50_2" (the paper's; torchvision weights from the
-            torch.hub cache or `weights`).
+            "resnet18" or "wide_resnet50_2" (the paper's; torchvision's ImageNet weights
+            from torch.hub's cache, downloaded into it on first use unless
+            STNPADIM_OFFLINE=1, or `weights`).
         pretrained: load ImageNet weights (False: random init, explicitly).
         weights: a backbone state-dict file to use instead of the default weights.
         n_features: embedding channels kept (random fixed subset); default 100 for resnet18
