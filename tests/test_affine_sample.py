@@ -457,3 +457,126 @@ def test_cuda_strided_and_gradcheck():
     ts = random_theta(1, torch.float64, "cuda").requires_grad_()
     assert torch.autograd.gradcheck(lambda a, t: affine_sample(a, t, (4, 5), "bilinear", "border"), (xs, ts))
     torch.library.opcheck(torch.ops.stnpadim.affine_sample.default, (xs, ts, 4, 5, 0, 0, False))
+
+
+# ----------------------------------------------------------------------------- per device
+# These run on the CPU now and on CUDA where a GPU and the CUDA kernels are present: each
+# backend must match torch on its own device.
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda_kernel])]
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding_mode,align_corners", list(itertools.product(PADDINGS, (False, True))))
+def test_nearest_2x_downsampling_is_exact(device, dtype, padding_mode, align_corners):
+    """2x downsampling puts most sampling points exactly on half-pixels, where nearest
+    rounding is decided by the last bit of the coordinate: it must be torch's, bit for bit."""
+    x = torch.rand(2, 3, 64, 56, dtype=dtype, device=device)
+    theta = torch.eye(2, 3, dtype=dtype, device=device).expand(2, 2, 3)
+    out = affine_sample(x, theta, (32, 28), "nearest", padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (32, 28), "nearest", padding_mode, align_corners)
+    if not align_corners:  # the test must be about ties: most points sit on one
+        assert (~decided(theta, x.shape, (32, 28), False, margin=1e-9)).float().mean() > 0.5
+    assert torch.equal(out, ref)
+
+
+def _non_finite_theta(dtype, device):
+    return torch.stack([similarity(0.2, 1.0, float("inf"), 0.0, dtype),
+                        torch.full((2, 3), float("nan"), dtype=dtype),
+                        similarity(0.3, 1.0, -float("inf"), 0.0, dtype)]).to(device)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_non_finite_coordinates_follow_torch_on_the_device(device, mode, padding_mode, align_corners):
+    """torch-CPU turns a pixel with a NaN/Inf sampling point NaN; torch-CUDA moves the point
+    outside the image (zero padding: 0) for bilinear and nearest. Each backend follows its own."""
+    x = torch.rand(3, 2, 6, 7, device=device)
+    theta = _non_finite_theta(torch.float32, device)
+    out = affine_sample(x, theta, (5, 4), mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (5, 4), mode, padding_mode, align_corners)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5, equal_nan=True)
+    if mode == "bilinear" and padding_mode == "zeros":
+        assert out.isnan().all() if device == "cpu" else (out == 0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,padding_mode,align_corners", COMBOS)
+def test_inf_pixels_and_nan_gradients_propagate(device, mode, padding_mode, align_corners):
+    """An Inf pixel read under a zero weight (sampling exactly on pixel centres) is NaN in
+    torch, and a NaN in grad_output reaches every input pixel torch sends it to. The CUDA
+    kernel reads exactly torch's in-bounds taps, so it must match torch's NaN/Inf pattern;
+    the CPU kernel reads a 2x2 block that always lies inside and may add NaNs where torch
+    has none (documented), but must never lose one."""
+    x = torch.rand(2, 2, 8, 9, dtype=torch.float64, device=device)
+    x[:, 0, :, 3] = float("inf")
+    # Integer pixel shifts: sampling points on pixel centres, so one tap of each pair has weight 0.
+    theta = torch.tensor([[[1.0, 0.0, 2 / 9], [0.0, 1.0, 0.0]], [[1.0, 0.0, 0.0], [0.0, 1.0, -2 / 8]]],
+                         dtype=torch.float64, device=device)
+    out = affine_sample(x, theta, (8, 9), mode, padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (8, 9), mode, padding_mode, align_corners)
+    g = torch.randn_like(out)
+    g[:, 1, 2:4] = float("nan")
+    xg = x.nan_to_num(posinf=0.5).requires_grad_()
+    grad = torch.autograd.grad(affine_sample(xg, theta, (8, 9), mode, padding_mode, align_corners), xg, g)[0]
+    grad_ref = torch.autograd.grad(affine_sample_reference(xg, theta, (8, 9), mode, padding_mode,
+                                                           align_corners), xg, g)[0]
+    assert (~ref.isfinite()).any() and grad_ref.isnan().any()  # the case is the one under test
+    if device == "cuda":
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-10, equal_nan=True)
+    else:
+        assert (out.isnan() | ~ref.isnan()).all() and (~out.isfinite() | ref.isfinite()).all()
+        assert (grad.isnan() | ~grad_ref.isnan()).all()
+        finite = ref.isfinite() & out.isfinite()
+        torch.testing.assert_close(out[finite], ref[finite], rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- CUDA only
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_channel_split_on_small_maps(mode):
+    """One small map with many channels: grid.z splits the channels; every one is done."""
+    x = torch.rand(1, 203, 11, 13, device="cuda", dtype=torch.float64)
+    theta = random_theta(1, torch.float64, "cuda")
+    out = affine_sample(x, theta, (7, 9), mode)
+    ref = affine_sample(x.cpu(), theta.cpu(), (7, 9), mode)
+    torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+def test_cuda_non_default_stream():
+    x = torch.rand(4, 3, 32, 32, device="cuda", requires_grad=True)
+    theta = random_theta(4, device="cuda").requires_grad_()
+    want = affine_sample(x, theta, (24, 24))
+    want_grads = torch.autograd.grad(want.sum(), (x, theta))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = affine_sample(x, theta, (24, 24))
+        grads = torch.autograd.grad(got.sum(), (x, theta))
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+def test_cuda_deterministic_mode_refuses_the_atomic_backward():
+    x = torch.rand(1, 1, 8, 8, device="cuda", requires_grad=True)
+    theta = random_theta(1, device="cuda")
+    out = affine_sample(x, theta)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="affine_sample_backward_cuda"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)

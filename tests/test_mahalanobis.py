@@ -178,3 +178,49 @@ def test_cuda_matches_cpu(dtype):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
         strided = emb.cuda().permute(2, 0, 1).contiguous().permute(1, 2, 0)
         torch.testing.assert_close(sp.mahalanobis(strided, g.to("cuda")).cpu(), got)
+
+
+DEVICES = [pytest.param("cpu", marks=needs_kernel), pytest.param("cuda", marks=[needs_cuda, pytest.mark.cuda])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch,dim", [(1, 37), (9, 37), (3, 5)])
+def test_inf_embedding_gives_inf_not_nan(device, batch, dim):
+    """Zero-padded factor entries must not meet an Inf as 0 * Inf = NaN."""
+    g = random_gaussian(4, dim, seed=dim)
+    emb = torch.randn(batch, dim, 4) + g.mean.T
+    emb[0, dim // 2, 1] = float("inf")
+    got = sp.mahalanobis(emb.to(device), g.to(device)).cpu()
+    assert got[0, 1] == float("inf")
+    keep = torch.ones_like(got, dtype=torch.bool)
+    keep[0, 1] = False
+    torch.testing.assert_close(got[keep], mahalanobis_reference(emb.double(), g).float()[keep],
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 1600), (torch.float64, 800)])
+def test_cuda_shared_memory_opt_in_path(dtype, dim):
+    """More than 48 KiB of staged embeddings per block needs the opt-in shared memory."""
+    rng = np.random.default_rng(dim)
+    mean = rng.standard_normal((2, dim))
+    cov = np.stack([np.eye(dim) * rng.uniform(0.5, 2.0, dim) for _ in range(2)])
+    g = gaussian_from_cov(mean, cov)
+    emb = (torch.randn(10, dim, 2) + g.mean.T).to(dtype)
+    got = sp.mahalanobis(emb.cuda(), g.to("cuda")).cpu()
+    torch.testing.assert_close(got.double(), mahalanobis_reference(emb.double(), g), rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_non_default_stream():
+    g = random_gaussian(6, 40, seed=3).to("cuda")
+    emb = torch.randn(12, 40, 6, device="cuda") + g.mean.T
+    want = sp.mahalanobis(emb, g)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = sp.mahalanobis(emb, g)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -7,6 +7,7 @@
 // registered from Python (stnpadim_ext/ops/affine_sample.py).
 #include "ops/affine_sample.h"
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -88,6 +89,22 @@ void check_affine_sample_backward_args(const at::Tensor& grad_output,
     TORCH_CHECK(x.device() == grad_output.device() && x.scalar_type() == grad_output.scalar_type(),
                 "affine_sample backward: input and grad_output differ in device or dtype");
   }
+}
+
+// The same ATen calls affine_grid makes (linspace, then * (n - 1) / n without
+// align_corners), so the coordinates are affine_grid's to the last bit on each device: a
+// closed formula cannot be, since torch's CPU linspace rounds per vector chunk and its
+// CUDA division by a scalar multiplies by the reciprocal. Nearest sampling at exact
+// half-pixels (any 2x downsampling) picks its pixel by those last bits.
+at::Tensor affine_base_coords(int64_t n, bool align_corners, const at::TensorOptions& options) {
+  if (n <= 1) {
+    return at::zeros({n}, options);
+  }
+  at::Tensor range = at::linspace(-1, 1, n, options);
+  if (!align_corners) {
+    range = range * (n - 1) / n;
+  }
+  return range;
 }
 
 TORCH_LIBRARY_FRAGMENT(stnpadim, m) {

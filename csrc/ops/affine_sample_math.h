@@ -45,6 +45,14 @@ constexpr double kCoordLimit = 1073741824.0;  // 2^30
 // Where a NaN or runaway coordinate's taps are put: outside the image, as ATen does.
 constexpr double kCoordOutside = -100.0;
 
+// What a NaN or infinite sampling point gives; torch differs between devices and each
+// backend follows torch on its own device. torch's CPU kernels compute the interpolation
+// weights from the raw coordinate, so the pixel turns NaN even in zero padding
+// (kPropagate). torch's CUDA kernels first move such a coordinate to kCoordOutside
+// (GridSampler.cuh: safe_downgrade_to_int_range), so bilinear and nearest sample zero
+// padding there (kOutside). Bicubic weights come from the raw coordinate on both devices.
+enum NonFinite : int { kPropagate = 0, kOutside = 1 };
+
 // floor(x). On the host it is built from nearbyint, which GCC vectorises (it does not
 // vectorise floor under the default -ftrapping-math); exact in round-to-nearest mode.
 template <typename T>
@@ -63,21 +71,6 @@ STNPADIM_MATH_INLINE int32_t clamp_index(int32_t i, int32_t lo, int32_t hi) {
 #else
   return std::min(std::max(i, lo), hi);
 #endif
-}
-
-// affine_grid's base coordinate of pixel i among n: ATen's linspace(-1, 1, n) (same
-// two-sided formula), times (n - 1) / n without align_corners; 0 when n == 1.
-template <typename T>
-STNPADIM_MATH_INLINE T base_coord(int64_t i, int64_t n, bool align_corners) {
-  if (n <= 1) {
-    return T(0);
-  }
-  const T step = T(2) / static_cast<T>(n - 1);
-  T v = i < n / 2 ? T(-1) + step * static_cast<T>(i) : T(1) - step * static_cast<T>(n - 1 - i);
-  if (!align_corners) {
-    v = v * static_cast<T>(n - 1) / static_cast<T>(n);
-  }
-  return v;
 }
 
 // What the sampling math needs to know about one input axis.
@@ -101,7 +94,7 @@ STNPADIM_MATH_INLINE Axis<T> make_axis(int64_t size, bool align_corners) {
   a.pre = align_corners ? T(0.5) : static_cast<T>(size);
   a.shift = align_corners ? T(0) : T(1);
   a.post = align_corners ? static_cast<T>(size - 1) : T(0.5);
-  a.scale = align_corners ? static_cast<T>(size - 1) / T(2) : static_cast<T>(size) / T(2);
+  a.scale = align_corners ? static_cast<T>(size - 1) * T(0.5) : static_cast<T>(size) * T(0.5);
   a.hi = static_cast<T>(size - 1);
   a.low = align_corners ? T(0) : T(-0.5);
   const T span2 = align_corners ? T(2) * static_cast<T>(size - 1) : T(2) * static_cast<T>(size);
@@ -177,15 +170,18 @@ STNPADIM_MATH_INLINE T source_coord(T coord, const Axis<T>& a, int64_t padding, 
 // the image (one slot on a 1-pixel axis), so kernels read without bounds checks:
 //   value = w0 * v[i0] + w1 * v[i0 + 1],   d value / d x = d0 * v[i0] + d1 * v[i0 + 1].
 // ATen's taps floor(x) (weight 1 - t) and floor(x) + 1 (weight t) that fall outside get
-// no slot, which is zero padding.
+// no slot, which is zero padding. in0 / in1 say whether a tap landed on the slot: a
+// kernel that reads only those reads exactly ATen's in-bounds taps, so an Inf pixel
+// under a zero weight still gives NaN, as in torch.
 template <typename T>
 struct LinearTaps {
   int32_t i0;
   T w0, w1;
   T d0, d1;
+  bool in0, in1;
 };
 
-template <typename T>
+template <typename T, int kNonFinite = kPropagate>
 STNPADIM_MATH_INLINE LinearTaps<T> linear_taps(T x_raw, int32_t size) {
   const T x = keep_in_int_range(x_raw);
   const T f = floor_of(x);
@@ -200,9 +196,13 @@ STNPADIM_MATH_INLINE LinearTaps<T> linear_taps(T x_raw, int32_t size) {
   taps.w1 = (i == i1 ? T(1) - t : T(0)) + (i + 1 == i1 ? t : T(0));
   taps.d0 = (i == taps.i0 ? T(-1) : T(0)) + (i + 1 == taps.i0 ? T(1) : T(0));
   taps.d1 = (i == i1 ? T(-1) : T(0)) + (i + 1 == i1 ? T(1) : T(0));
-  const T poison = nan_unless_finite(x_raw);
-  taps.w0 *= poison;
-  taps.w1 *= poison;
+  taps.in0 = (i == taps.i0) | (i + 1 == taps.i0);
+  taps.in1 = (i == i1) | (i + 1 == i1);
+  if constexpr (kNonFinite == kPropagate) {
+    const T poison = nan_unless_finite(x_raw);
+    taps.w0 *= poison;
+    taps.w1 *= poison;
+  }
   return taps;
 }
 
@@ -246,12 +246,14 @@ STNPADIM_MATH_INLINE T cubic_far_grad(T s) {
 
 // Tap k (0..3) of bicubic interpolation at pixel coordinate x (unnormalised, unpadded):
 // the pixel floor(x) - 1 + k with padding applied (clamped inside), its weight (0 when
-// it falls in zero padding) and d weight / d x. As in ATen, the padding maps each tap's
-// integer coordinate, not the sampling point, and has no gradient.
+// it falls in zero padding), d weight / d x and whether it lies inside (ATen reads the
+// pixel then, whatever the weight). As in ATen, the padding maps each tap's integer
+// coordinate, not the sampling point, and has no gradient.
 template <typename T>
 struct CubicTap {
   int32_t index;
   T w, d;
+  bool inside;
 };
 
 template <typename T>
@@ -276,6 +278,7 @@ STNPADIM_MATH_INLINE CubicTap<T> cubic_tap(T x, int k, const Axis<T>& a, int64_t
   const T c = keep_in_int_range(pad_coord(f + static_cast<T>(k - 1), a, padding, unused));
   const int32_t i = static_cast<int32_t>(c);
   tap.index = clamp_index(i, 0, a.size - 1);
+  tap.inside = tap.index == i;
   tap.w = (tap.index == i ? tap.w : T(0)) * nan_unless_finite(x);
   tap.d = tap.index == i ? tap.d : T(0);
   return tap;

@@ -63,6 +63,8 @@ template <typename T>
 struct Problem {
   const T* input;  // null when only the input gradient is wanted
   const T* theta;  // [N, 6], contiguous
+  const T* base_x;  // [Wo], affine_grid's base coordinates (affine_base_coords)
+  const T* base_y;  // [Ho]
   int64_t N, C, Ho, Wo;
   int64_t sN, sC;  // input strides (the backward uses contiguous ones)
   Plane<T> plane;
@@ -84,32 +86,28 @@ struct RowTransform {
   T by;
   RowTransform(const Problem<T>& p, int64_t n, int64_t h) {
     const T* th = p.theta + 6 * n;
-    by = base_coord<T>(h, p.Ho, p.align_corners);
+    by = p.base_y[h];
     gx = {th[0], th[1] * by, th[2]};
     gy = {th[3], th[4] * by, th[5]};
   }
 };
 
 // Per-task row buffers, one slot per output column: allocated once per task, never per
-// pixel. `bx` holds affine_grid's base x coordinate of every column.
+// pixel. `bx` is affine_grid's base x coordinate of every column.
 template <typename T>
 class RowScratch {
  public:
   RowScratch(const Problem<T>& p, int n_vals, int n_idx)
-      : width_(p.Wo), vals_(p.Wo * n_vals), idx_(p.Wo * n_idx), bx_(p.Wo) {
-    for (int64_t w = 0; w < p.Wo; ++w) {
-      bx_[w] = base_coord<T>(w, p.Wo, p.align_corners);
-    }
-  }
+      : width_(p.Wo), vals_(p.Wo * n_vals), idx_(p.Wo * n_idx), bx_(p.base_x) {}
   T* val(int k) { return vals_.data() + k * width_; }
   int32_t* idx(int k) { return idx_.data() + k * width_; }
-  const T* bx() const { return bx_.data(); }
+  const T* bx() const { return bx_; }
 
  private:
   int64_t width_;
   std::vector<T> vals_;
   std::vector<int32_t> idx_;
-  std::vector<T> bx_;
+  const T* bx_;
 };
 
 // Adds one row's share of theta's gradient, given d loss / d (gx, gy) of its pixels.
@@ -1191,13 +1189,17 @@ bool plane_offsets_fit(const at::Tensor& t) {
 
 // input may be undefined (backward without theta's gradient): offsets are then those of
 // a contiguous plane of the given size, which is grad_input's layout.
+// base_x, base_y: affine_base_coords of Wo and Ho; they must outlive the problem.
 template <typename T>
-Problem<T> make_problem(const at::Tensor& input, const at::Tensor& theta, int64_t N, int64_t C,
-                        int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t interpolation,
-                        int64_t padding, bool align_corners) {
+Problem<T> make_problem(const at::Tensor& input, const at::Tensor& theta, const at::Tensor& base_x,
+                        const at::Tensor& base_y, int64_t N, int64_t C, int64_t H, int64_t W,
+                        int64_t Ho, int64_t Wo, int64_t interpolation, int64_t padding,
+                        bool align_corners) {
   Problem<T> p{};
   p.input = input.defined() ? input.const_data_ptr<T>() : nullptr;
   p.theta = theta.const_data_ptr<T>();
+  p.base_x = base_x.const_data_ptr<T>();
+  p.base_y = base_y.const_data_ptr<T>();
   p.N = N;
   p.C = C;
   p.Ho = Ho;
@@ -1245,14 +1247,16 @@ at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tenso
     return output;
   }
   const at::Tensor theta_c = theta.contiguous();
+  const at::Tensor base_x = affine_base_coords(out_w, align_corners, theta.options());
+  const at::Tensor base_y = affine_base_coords(out_h, align_corners, theta.options());
   // Strided inputs are read in place, unless their strides overflow int32 offsets.
   const at::Tensor x = plane_offsets_fit(input) ? input : input.contiguous();
   // The interleaved copy is made from whole planes: other layouts run planar.
   const bool planes = x.stride(3) == 1 && x.stride(2) == W;
   const int64_t block = planes ? interleaved_block(interpolation, N, C, H, W, 4 * at::get_num_threads()) : 0;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "affine_sample_forward_cpu", [&] {
-    const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, N, C, H, W, out_h, out_w,
-                                                       interpolation, padding, align_corners);
+    const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, base_x, base_y, N, C, H, W, out_h,
+                                                       out_w, interpolation, padding, align_corners);
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     if (block > 0) {
       const int64_t per_image = (C + block - 1) / block;
@@ -1292,6 +1296,8 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
   // The input is read with grad_input's (contiguous) offsets, so one plan serves both.
   const at::Tensor x = reduce_theta ? input->contiguous() : at::Tensor();
   const at::Tensor theta_c = theta.contiguous();
+  const at::Tensor base_x = affine_base_coords(Wo, align_corners, theta.options());
+  const at::Tensor base_y = affine_base_coords(Ho, align_corners, theta.options());
 
   // Few images: split them into channel blocks, so that every thread has work. Many
   // channels: blocks of at most kMaxBlock, so that the rows a task keeps in cache (input
@@ -1308,8 +1314,8 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
   const BackwardSplit split{by_block, per_image, block, reduce_theta ? partials.data() : nullptr};
 
   AT_DISPATCH_FLOATING_TYPES(gout.scalar_type(), "affine_sample_backward_cpu", [&] {
-    const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, N, C, in_h, in_w, Ho, Wo,
-                                                       interpolation, padding, align_corners);
+    const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, base_x, base_y, N, C, in_h, in_w, Ho,
+                                                       Wo, interpolation, padding, align_corners);
     const scalar_t* go = gout.const_data_ptr<scalar_t>();
     scalar_t* gin = input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     if (interleaved > 0) {

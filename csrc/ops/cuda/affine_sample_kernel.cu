@@ -3,11 +3,19 @@
 // Forward: one thread per output pixel (grid-stride), looping over channels. The
 // pixel's sampling taps come from the shared per-pixel math once, then every channel
 // reuses them; neighbouring threads read neighbouring input pixels and write coalesced.
+// When there are too few pixels to fill the GPU, grid.z splits the channels as well.
 // Backward: one thread per output pixel again, a 2-D grid whose y index is the image.
 // grad_input is scattered with atomics (fastAtomicAdd for half types); theta's gradient
 // is summed per thread, reduced across the block, then added with one atomic per block
 // and matrix entry into a float32 (float64 for double) accumulator.
 // Half and bfloat16 data are read and written as such and computed in float32.
+//
+// Matching torch on CUDA: only taps inside the image are read, whatever their weight
+// (an Inf pixel under a zero weight gives NaN, as in torch); NaN or infinite sampling
+// points follow torch-CUDA's rule (affine::kOutside); the base coordinates are
+// affine_grid's own (affine_base_coords), and setup.py builds without --use_fast_math,
+// so coordinates round as in torch and nearest sampling breaks exact half-pixel ties
+// the same way.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "ops/affine_sample.h"
 #include "ops/affine_sample_math.h"
@@ -52,15 +61,17 @@ __device__ __forceinline__ void divmod(int64_t a, int64_t b, bool narrow, int64_
 }
 
 // Sampling taps of one output pixel along one axis: pixel indices (already multiplied by
-// the axis stride), weights (0 for taps in zero padding) and d weight / d coord, where
-// coord is the normalised coordinate (gx or gy). The interpolation mode is a template
-// argument so that the tap loops unroll and the arrays stay in registers.
+// the axis stride and clamped inside), whether each tap lies inside the image (taps in
+// zero padding are never read), weights and d weight / d coord, where coord is the
+// normalised coordinate (gx or gy). The interpolation mode is a template argument so
+// that the tap loops unroll and the arrays stay in registers.
 template <int64_t kMode>
 constexpr int kTaps = kMode == kBicubic ? 4 : (kMode == kNearest ? 1 : 2);
 
 template <typename T, int64_t kMode>
 struct AxisTaps {
   int64_t off[kTaps<kMode>];
+  bool in[kTaps<kMode>];
   T w[kTaps<kMode>];
   T d[kTaps<kMode>];
 };
@@ -75,6 +86,7 @@ __device__ __forceinline__ AxisTaps<T, kMode> axis_taps(T coord, const Axis<T>& 
     for (int k = 0; k < 4; ++k) {
       const CubicTap<T> tap = cubic_tap(x, k, a, padding);
       t.off[k] = tap.index * stride;
+      t.in[k] = tap.inside;
       t.w[k] = tap.w;
       t.d[k] = tap.d * a.scale;
     }
@@ -82,13 +94,16 @@ __device__ __forceinline__ AxisTaps<T, kMode> axis_taps(T coord, const Axis<T>& 
     T unused;
     const NearestTap tap = nearest_tap(source_coord(coord, a, padding, unused), a.size);
     t.off[0] = tap.index * stride;
-    t.w[0] = tap.index == tap.unclamped ? T(1) : T(0);
+    t.in[0] = tap.index == tap.unclamped;
+    t.w[0] = T(1);
     t.d[0] = T(0);
   } else {
     T grad;
-    const LinearTaps<T> tap = linear_taps(source_coord(coord, a, padding, grad), a.size);
+    const LinearTaps<T> tap = linear_taps<T, kOutside>(source_coord(coord, a, padding, grad), a.size);
     t.off[0] = tap.i0 * stride;
     t.off[1] = a.size > 1 ? t.off[0] + stride : t.off[0];
+    t.in[0] = tap.in0;
+    t.in[1] = tap.in1;
     t.w[0] = tap.w0;
     t.w[1] = tap.w1;
     t.d[0] = tap.d0 * grad;
@@ -97,36 +112,43 @@ __device__ __forceinline__ AxisTaps<T, kMode> axis_taps(T coord, const Axis<T>& 
   return t;
 }
 
-// affine_grid's normalised coordinates (gx, gy) of output pixel (h, w) of image n.
+// affine_grid's normalised coordinates (gx, gy) of output pixel (h, w) of image n, from
+// the base coordinates base_x [Wo] and base_y [Ho].
 template <typename scalar_t, typename T>
-__device__ __forceinline__ void grid_point(const scalar_t* __restrict__ theta, const Shape& s,
-                                           int64_t n, int64_t h, int64_t w, T& bx, T& by, T& gx, T& gy) {
+__device__ __forceinline__ void grid_point(const scalar_t* __restrict__ theta, const T* __restrict__ base_x,
+                                           const T* __restrict__ base_y, int64_t n, int64_t h, int64_t w,
+                                           T& bx, T& by, T& gx, T& gy) {
   const scalar_t* th = theta + 6 * n;
-  bx = base_coord<T>(w, s.Wo, s.align_corners);
-  by = base_coord<T>(h, s.Ho, s.align_corners);
+  bx = base_x[w];
+  by = base_y[h];
   gx = static_cast<T>(th[0]) * bx + static_cast<T>(th[1]) * by + static_cast<T>(th[2]);
   gy = static_cast<T>(th[3]) * bx + static_cast<T>(th[4]) * by + static_cast<T>(th[5]);
 }
 
+// Channels [blockIdx.z * channels_per_z, ...) of every output pixel.
 template <typename scalar_t, int64_t kMode>
 __global__ void __launch_bounds__(kThreads)
     affine_sample_forward_kernel_impl(const scalar_t* __restrict__ input, const scalar_t* __restrict__ theta,
-                                      scalar_t* __restrict__ output, const Shape s) {
+                                      const at::opmath_type<scalar_t>* __restrict__ base_x,
+                                      const at::opmath_type<scalar_t>* __restrict__ base_y,
+                                      scalar_t* __restrict__ output, const Shape s, int64_t channels_per_z) {
   using T = at::opmath_type<scalar_t>;
   const Axis<T> ax = make_axis<T>(s.W, s.align_corners), ay = make_axis<T>(s.H, s.align_corners);
   const int64_t plane = s.Ho * s.Wo, total = s.N * plane;
+  const int64_t c_begin = blockIdx.z * channels_per_z;
+  const int64_t c_end = c_begin + channels_per_z < s.C ? c_begin + channels_per_z : s.C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     int64_t n, hw, h, w;
     divmod(i, plane, s.narrow, n, hw);
     divmod(hw, s.Wo, s.narrow, h, w);
     T bx, by, gx, gy;
-    grid_point(theta, s, n, h, w, bx, by, gx, gy);
+    grid_point(theta, base_x, base_y, n, h, w, bx, by, gx, gy);
     const AxisTaps<T, kMode> tx = axis_taps<T, kMode>(gx, ax, s.sW, s.padding);
     const AxisTaps<T, kMode> ty = axis_taps<T, kMode>(gy, ay, s.sH, s.padding);
-    const scalar_t* src = input + n * s.sN;
-    scalar_t* dst = output + n * s.C * plane + hw;
-    for (int64_t c = 0; c < s.C; ++c, src += s.sC, dst += plane) {
+    const scalar_t* src = input + n * s.sN + c_begin * s.sC;
+    scalar_t* dst = output + (n * s.C + c_begin) * plane + hw;
+    for (int64_t c = c_begin; c < c_end; ++c, src += s.sC, dst += plane) {
       T acc = 0;
 #pragma unroll
       for (int j = 0; j < kTaps<kMode>; ++j) {
@@ -134,13 +156,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < kTaps<kMode>; ++k) {
           // Taps in zero padding are not read: pixels sampling outside cost no bandwidth.
-          if (tx.w[k] != T(0)) {
-            row += tx.w[k] * static_cast<T>(src[ty.off[j] + tx.off[k]]);
-          }
+          const T v = ty.in[j] && tx.in[k] ? static_cast<T>(src[ty.off[j] + tx.off[k]]) : T(0);
+          row += tx.w[k] * v;
         }
-        if (ty.w[j] != T(0)) {
-          acc += ty.w[j] * row;
-        }
+        acc += ty.w[j] * row;
       }
       *dst = static_cast<scalar_t>(acc);
     }
@@ -169,14 +188,16 @@ __device__ __forceinline__ T block_sum(T v, T* shared) {
 }
 
 // grad_output, input and grad_input are contiguous. input is null unless theta_acc is set;
-// grad_input and theta_acc are null when that gradient is not wanted.
+// grad_input and theta_acc are null when that gradient is not wanted. Nearest sampling
+// has no theta gradient (the host fills zeros), so its instance has no theta code at all.
 template <typename scalar_t, int64_t kMode>
 __global__ void __launch_bounds__(kThreads) affine_sample_backward_kernel_impl(
     const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
-    const scalar_t* __restrict__ theta, scalar_t* __restrict__ grad_input,
+    const scalar_t* __restrict__ theta, const at::opmath_type<scalar_t>* __restrict__ base_x,
+    const at::opmath_type<scalar_t>* __restrict__ base_y, scalar_t* __restrict__ grad_input,
     at::opmath_type<scalar_t>* __restrict__ theta_acc, const Shape s) {
   using T = at::opmath_type<scalar_t>;
-  __shared__ T shared[kThreads / 32];
+  constexpr bool kTheta = kMode != kNearest;
   const Axis<T> ax = make_axis<T>(s.W, s.align_corners), ay = make_axis<T>(s.H, s.align_corners);
   const int64_t plane = s.Ho * s.Wo, in_plane = int64_t{s.H} * s.W;
   const int64_t gi_numel = s.N * s.C * in_plane;
@@ -187,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) affine_sample_backward_kernel_impl(
       int64_t h, w;
       divmod(hw, s.Wo, s.narrow, h, w);
       T bx, by, gx, gy;
-      grid_point(theta, s, n, h, w, bx, by, gx, gy);
+      grid_point(theta, base_x, base_y, n, h, w, bx, by, gx, gy);
       const AxisTaps<T, kMode> tx = axis_taps<T, kMode>(gx, ax, s.sW, s.padding);
       const AxisTaps<T, kMode> ty = axis_taps<T, kMode>(gy, ay, s.sH, s.padding);
       T dgx = 0, dgy = 0;  // d loss / d (gx, gy)
@@ -200,34 +221,43 @@ __global__ void __launch_bounds__(kThreads) affine_sample_backward_kernel_impl(
 #pragma unroll
           for (int k = 0; k < kTaps<kMode>; ++k) {
             const int64_t idx = base + ty.off[j] + tx.off[k];
-            if (grad_input != nullptr) {
-              const T wk = ty.w[j] * tx.w[k];
-              if (wk != T(0)) {
-                at::native::fastAtomicAdd(grad_input, idx, gi_numel, static_cast<scalar_t>(wk * g), true);
+            const bool inside = ty.in[j] && tx.in[k];
+            // Every tap inside gets its share, even a zero one: 0 * NaN is NaN in torch too.
+            if (grad_input != nullptr && inside) {
+              at::native::fastAtomicAdd(grad_input, idx, gi_numel,
+                                        static_cast<scalar_t>(ty.w[j] * tx.w[k] * g), true);
+            }
+            if constexpr (kTheta) {
+              if (theta_acc != nullptr) {
+                const T v = inside ? static_cast<T>(input[idx]) : T(0);
+                row += tx.w[k] * v;
+                drow += tx.d[k] * v;
               }
             }
-            if (theta_acc != nullptr) {
-              const T v = static_cast<T>(input[idx]);
-              row += tx.w[k] * v;
-              drow += tx.d[k] * v;
-            }
           }
-          dgx += g * ty.w[j] * drow;
-          dgy += g * ty.d[j] * row;
+          if constexpr (kTheta) {
+            dgx += g * ty.w[j] * drow;
+            dgy += g * ty.d[j] * row;
+          }
         }
       }
-      sums[0] += dgx * bx;
-      sums[1] += dgx * by;
-      sums[2] += dgx;
-      sums[3] += dgy * bx;
-      sums[4] += dgy * by;
-      sums[5] += dgy;
+      if constexpr (kTheta) {
+        sums[0] += dgx * bx;
+        sums[1] += dgx * by;
+        sums[2] += dgx;
+        sums[3] += dgy * bx;
+        sums[4] += dgy * by;
+        sums[5] += dgy;
+      }
     }
-    if (theta_acc != nullptr) {  // uniform across the block: every thread reaches the reduction
-      for (int k = 0; k < 6; ++k) {
-        const T total = block_sum(sums[k], shared);
-        if (threadIdx.x == 0) {
-          atomicAdd(theta_acc + 6 * n + k, total);
+    if constexpr (kTheta) {
+      __shared__ T shared[kThreads / 32];
+      if (theta_acc != nullptr) {  // uniform across the block: every thread reaches the reduction
+        for (int k = 0; k < 6; ++k) {
+          const T total = block_sum(sums[k], shared);
+          if (threadIdx.x == 0) {
+            atomicAdd(theta_acc + 6 * n + k, total);
+          }
         }
       }
     }
@@ -238,6 +268,22 @@ int64_t grid_size(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   const int64_t cap = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * 32;
   return std::max<int64_t>(1, std::min(blocks, cap));
+}
+
+// How many slices grid.z cuts the C channels into: enough that (pixel blocks) x (slices)
+// fills every SM with kThreads-thread blocks (2048 threads each), when N x Ho x Wo alone
+// does not (a 56 x 56 map of one image makes 13 blocks).
+int64_t channel_slices(int64_t pixel_blocks, int64_t C) {
+  const int64_t want = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * (2048 / kThreads);
+  const int64_t slices = (want + pixel_blocks - 1) / pixel_blocks;
+  return std::max<int64_t>(1, std::min({slices, C, int64_t{65535}}));
+}
+
+// affine_base_coords of both output axes, in the kernels' math type.
+std::pair<at::Tensor, at::Tensor> base_coords(const at::Tensor& theta, int64_t Ho, int64_t Wo,
+                                              bool align_corners) {
+  const auto options = theta.options().dtype(theta.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return {affine_base_coords(Wo, align_corners, options), affine_base_coords(Ho, align_corners, options)};
 }
 
 Shape make_shape(const at::Tensor& input, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
@@ -271,13 +317,19 @@ at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tenso
     return output;
   }
   const at::Tensor theta_c = theta.contiguous();
+  const auto [base_x, base_y] = base_coords(theta, out_h, out_w, align_corners);
   const Shape s = make_shape(input, N, C, H, W, out_h, out_w, padding, align_corners);
   const int64_t blocks = grid_size(N * out_h * out_w);
+  const int64_t slices = channel_slices(blocks, C);
+  const int64_t per_slice = (C + slices - 1) / slices;
+  const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>((C + per_slice - 1) / per_slice));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_sample_forward_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           input.const_data_ptr<scalar_t>(), theta_c.const_data_ptr<scalar_t>(),
-          output.mutable_data_ptr<scalar_t>(), s);
+          base_x.const_data_ptr<opmath_t>(), base_y.const_data_ptr<opmath_t>(),
+          output.mutable_data_ptr<scalar_t>(), s, per_slice);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (interpolation == kBilinear) {
@@ -323,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
   const at::Tensor gout = grad_output.contiguous();
   const at::Tensor x = reduce_theta ? input->contiguous() : at::Tensor();
   const at::Tensor theta_c = theta.contiguous();
+  const auto [base_x, base_y] = base_coords(theta, Ho, Wo, align_corners);
   const Shape s = make_shape(x, N, C, in_h, in_w, Ho, Wo, padding, align_corners);
   const dim3 grid(static_cast<unsigned>(grid_size(Ho * Wo)), static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gout.scalar_type(), "affine_sample_backward_cuda", [&] {
@@ -330,7 +383,8 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
     const auto launch = [&](auto kernel) {
       kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           gout.const_data_ptr<scalar_t>(), reduce_theta ? x.const_data_ptr<scalar_t>() : nullptr,
-          theta_c.const_data_ptr<scalar_t>(), input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          theta_c.const_data_ptr<scalar_t>(), base_x.const_data_ptr<opmath_t>(),
+          base_y.const_data_ptr<opmath_t>(), input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
           reduce_theta ? theta_acc.mutable_data_ptr<opmath_t>() : nullptr, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };

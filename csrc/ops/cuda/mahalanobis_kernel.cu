@@ -95,12 +95,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int64_t row = i0 + r;
-        const acc_t l = (row < dim && j <= row)
-                            ? static_cast<acc_t>(__ldg(patch_factor + packed_row_offset(row) + j))
-                            : acc_t(0);
+        // Entries past the row are skipped, not multiplied by a zero factor: an Inf in d
+        // must give Inf, not 0 * Inf = NaN (as in the CPU kernel).
+        if (row < dim && j <= row) {
+          const acc_t l = static_cast<acc_t>(__ldg(patch_factor + packed_row_offset(row) + j));
 #pragma unroll
-        for (int b = 0; b < kTile; ++b) {
-          acc[r * kTile + b] += l * dj[b];
+          for (int b = 0; b < kTile; ++b) {
+            acc[r * kTile + b] += l * dj[b];
+          }
         }
       }
     }
