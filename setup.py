@@ -1,10 +1,10 @@
-"""Builds stnpadim_ext._C from csrc/: CPU kernels always, CUDA kernels when asked or available.
+"""Builds stnpadim_ext._C from csrc/: CPU kernels always, CUDA kernels when a GPU is visible or asked.
 
 Environment switches:
   STNPADIM_NO_EXT=1      install the pure-Python package (reference ops only)
-  STNPADIM_FORCE_CUDA=1  compile the CUDA kernels even where auto-detection would not
+  STNPADIM_FORCE_CUDA=1  compile the CUDA kernels without a visible GPU (CI, wheels)
   STNPADIM_NO_CUDA=1     CPU kernels only (fast local builds)
-  TORCH_CUDA_ARCH_LIST   CUDA archs; default: the visible GPUs, else Turing to Hopper plus PTX
+  TORCH_CUDA_ARCH_LIST   CUDA archs; default: the visible GPUs plus PTX, else Turing to Hopper plus PTX
   DEBUG=1                -O0 -g
 """
 import glob
@@ -27,13 +27,21 @@ def _flag(name):
 
 
 def _want_cuda(torch, cuda_home):
+    # torchvision's convention: a toolkit alone is not enough (a CPU-only machine with nvcc
+    # would spend many minutes compiling kernels it cannot run); a visible GPU or the switch is.
     if _flag("STNPADIM_NO_CUDA"):
         return False
     if _flag("STNPADIM_FORCE_CUDA"):
         if cuda_home is None:
             sys.exit("STNPADIM_FORCE_CUDA=1 but no CUDA toolkit (nvcc) was found; set CUDA_HOME")
         return True
-    return torch.version.cuda is not None and cuda_home is not None
+    return torch.cuda.is_available() and cuda_home is not None
+
+
+def _visible_archs(torch):
+    """The visible GPUs' compute capabilities as TORCH_CUDA_ARCH_LIST, the newest with +PTX."""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join("{}.{}".format(*cap) for cap in caps) + "+PTX"
 
 
 def _pip_cuda_include_dirs():
@@ -74,17 +82,18 @@ def extension_modules():
     kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"], py_limited_api=True)
     if use_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:
-            # A visible GPU: build for it alone (torch's own default); none: the wide default.
+            # A visible GPU: build for it (torch's own default), plus PTX of the newest arch
+            # so that the build still runs, JIT-compiled, on a newer GPU; none: the wide default.
             os.environ["TORCH_CUDA_ARCH_LIST"] = (
-                ";".join("{}.{}".format(*torch.cuda.get_device_capability(i))
-                         for i in range(torch.cuda.device_count()))
-                if torch.cuda.is_available() else DEFAULT_CUDA_ARCHS)
+                _visible_archs(torch) if torch.cuda.is_available() else DEFAULT_CUDA_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu"))
         # Shell-safe token (no quotes, ';' or spaces); init.cpp stringifies it.
         arch_token = "_".join(archs.replace(";", " ").split())
         define_macros += [("STNPADIM_WITH_CUDA", None), ("STNPADIM_CUDA_ARCHS", arch_token)]
-        extra["nvcc"] = opt + ["--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+        # No --use_fast_math: it turns the coordinate divisions into approximate reciprocals,
+        # and nearest sampling at exact half-pixels must round as torch's kernels do.
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         kwargs["include_dirs"] += _pip_cuda_include_dirs()
         ext = CUDAExtension("stnpadim_ext._C", sources, define_macros=define_macros,
                             extra_compile_args=extra, **kwargs)

@@ -76,8 +76,12 @@ def test_cuda_compiled_is_truthful():
     # cuda_compiled must agree with what the dispatcher actually holds.
     assert all(registered) == info["cuda_compiled"] == any(registered)
     assert bool(info["cuda_archs"]) == info["cuda_compiled"]
+    # The build switches hold for the tests too (.ci/run exports STNPADIM_FORCE_CUDA=1 for
+    # the README command, which builds and then tests): what they asked for must be built.
     if os.environ.get("STNPADIM_FORCE_CUDA") == "1":
         assert info["cuda_compiled"], "built with STNPADIM_FORCE_CUDA=1 but no CUDA kernels loaded"
+    if os.environ.get("STNPADIM_NO_CUDA") == "1":
+        assert not info["cuda_compiled"], "built with STNPADIM_NO_CUDA=1 but CUDA kernels loaded"
 
 
 def test_no_ext_env_uses_reference_ops():
