@@ -16,8 +16,11 @@ import torch
 from .errors import InputError
 from .ops.mahalanobis import as_patches
 
-# Bound on the float64 temporaries ([chunk, C, C]) of update and finalize.
+# Bound on the float64 temporaries ([chunk, C, C]) of update and finalize, per device. A
+# CPU wants them cache-sized; on a GPU every chunk costs a dozen kernel launches, and at
+# the CPU's size a chunk is one patch for C = 550 (~123k launches per update of 4 images).
 _CHUNK_BYTES = 4 * 2**20
+_GPU_CHUNK_BYTES = 256 * 2**20
 
 
 def _tril_flat_index(dim: int, device, upper: bool = False) -> torch.Tensor:
@@ -61,8 +64,12 @@ def _invert_lower(mat: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _patch_chunk(dim: int) -> int:
-    return max(1, _CHUNK_BYTES // (8 * dim * dim))
+def _chunk_bytes(device: torch.device) -> int:
+    return _CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
+
+
+def _patch_chunk(dim: int, device: torch.device) -> int:
+    return max(1, _chunk_bytes(device) // (8 * dim * dim))
 
 
 class PatchGaussian:
@@ -130,6 +137,10 @@ class GaussianStats:
         dim (int): C, embedding channels.
         device: where the statistics live; by default the device of the first embedding.
 
+    On a CPU an update with NaN or Inf values is refused at once. On a GPU that check would
+    wait for the device at every update, so it is made once, by finalize (and merge /
+    all_reduce), and the statistics are not usable after such an update.
+
     Example:
         >>> stats = sp.GaussianStats(56 * 56, 100)
         >>> for batch in loader:
@@ -147,6 +158,7 @@ class GaussianStats:
         self.mean = None       # Tensor[P, C] float64
         self.scatter = None    # Tensor[P, C(C+1)/2] float64: sum of (x - mean)(x - mean)^T, packed
         self._spatial = None   # emb.shape[2:] of the first update
+        self._finite = None    # GPU: bool tensor, all updates so far finite (checked lazily)
 
     def _ensure_state(self, device) -> None:
         if self.mean is None:
@@ -168,9 +180,18 @@ class GaussianStats:
         if self._spatial is not None and tuple(emb.shape[2:]) != self._spatial:
             raise InputError(f"emb spatial shape {tuple(emb.shape[2:])} differs from the first "
                              f"update's {self._spatial}")
-        if not bool(torch.isfinite(x).all()):
-            raise InputError("emb contains NaN or Inf values")
+        finite = torch.isfinite(x).all()
+        if x.device.type == "cpu":
+            if not bool(finite):
+                raise InputError("emb contains NaN or Inf values")
+        else:
+            self._finite = finite if self._finite is None else self._finite & finite.to(self._finite.device)
         return x
+
+    def _check_finite(self) -> None:
+        """Raises if a (GPU) update had NaN or Inf values; one device sync."""
+        if self._finite is not None and not bool(self._finite):
+            raise InputError("emb contains NaN or Inf values (in an update of these statistics)")
 
     def update(self, emb: torch.Tensor) -> "GaussianStats":
         """Folds a batch into the statistics; the batch is not kept.
@@ -190,7 +211,7 @@ class GaussianStats:
         n_a, n = self.count, self.count + n_b
         shift_weight = math.sqrt(n_a * n_b / n)
         lower = _tril_flat_index(self.dim, self.device)
-        step = _patch_chunk(self.dim)
+        step = _patch_chunk(self.dim, self.device)
         for p0 in range(0, self.num_patches, step):
             p1 = min(p0 + step, self.num_patches)
             # Chan et al.: scatter += scatter of the batch about its own mean
@@ -210,7 +231,7 @@ class GaussianStats:
     def _add_shift(self, delta: torch.Tensor, weight: float) -> None:
         """scatter += weight * delta delta^T per patch (delta [P, C]), chunked."""
         rows, cols = torch.tril_indices(self.dim, self.dim, device=self.device)
-        step = max(1, _CHUNK_BYTES // (8 * rows.numel()))
+        step = max(1, _chunk_bytes(self.device) // (8 * rows.numel()))
         for p0 in range(0, self.num_patches, step):
             d = delta[p0:p0 + step]
             self.scatter[p0:p0 + step] += weight * d[:, rows] * d[:, cols]
@@ -229,6 +250,7 @@ class GaussianStats:
         if None not in (self._spatial, other._spatial) and self._spatial != other._spatial:
             raise InputError(f"cannot merge statistics of spatial shape {other._spatial} into "
                              f"{self._spatial}")
+        other._check_finite()
         if other.count == 0:
             return self
         self._spatial = self._spatial or other._spatial
@@ -254,6 +276,7 @@ class GaussianStats:
         """
         import torch.distributed as dist
 
+        self._check_finite()
         if self.mean is None:
             nccl = dist.get_backend(group) == "nccl"
             self._ensure_state(self.device or (torch.device("cuda", torch.cuda.current_device())
@@ -298,17 +321,20 @@ class GaussianStats:
         self._require_samples()
         if not (math.isfinite(eps) and eps >= 0):
             raise InputError(f"eps must be a finite number >= 0, got {eps}")
+        self._check_finite()
         lower = _tril_flat_index(self.dim, self.device)
         packed = torch.empty(self.num_patches, lower.numel(), dtype=torch.float32, device=self.device)
-        step = _patch_chunk(self.dim)
+        info = torch.empty(self.num_patches, dtype=torch.int32, device=self.device)
+        step = _patch_chunk(self.dim, self.device)
         for p0 in range(0, self.num_patches, step):
             p1 = min(p0 + step, self.num_patches)
-            chol, info = torch.linalg.cholesky_ex(self._covariance(p0, p1, eps))
-            if bool(info.any()):
-                bad = p0 + int(torch.nonzero(info)[0, 0])
-                raise InputError(f"the covariance of patch {bad} is not positive definite "
-                                 f"(eps={eps}); use a larger eps or more samples")
+            chol, info[p0:p1] = torch.linalg.cholesky_ex(self._covariance(p0, p1, eps))
             packed[p0:p1] = _invert_lower(chol).reshape(p1 - p0, -1)[:, lower]
+        # Checked once at the end (on a GPU each check waits for the device).
+        bad = torch.nonzero(info)
+        if bad.numel():
+            raise InputError(f"the covariance of patch {int(bad[0, 0])} is not positive definite "
+                             f"(eps={eps}); use a larger eps or more samples")
         return PatchGaussian(self.mean.float(), packed)
 
     def __repr__(self) -> str:

@@ -195,3 +195,54 @@ def test_cuda_fit_matches_cpu_fit():
     assert got.mean.is_cuda
     torch.testing.assert_close(got.mean.cpu(), want.mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.factor_packed.cpu(), want.factor_packed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 8 * 9 * 9 * 5, 256 * 2**20])
+def test_chunk_size_does_not_change_results(monkeypatch, budget):
+    """Update, merge and finalize chunk the patches by a per-device memory budget (4 MiB on a
+    CPU, 256 MiB on a GPU); the chunking must not change the float64 statistics."""
+    from stnpadim_ext import stats as stats_mod
+
+    x = embeddings(30, 9, 13, seed=11)
+    want_stats = fit(x[:20], batch=7).merge(fit(x[20:], batch=10))
+    want = want_stats.finalize()
+    monkeypatch.setattr(stats_mod, "_chunk_bytes", lambda device: budget)
+    got_stats = fit(x[:20], batch=7).merge(fit(x[20:], batch=10))
+    got = got_stats.finalize()
+    torch.testing.assert_close(got_stats.mean, want_stats.mean, rtol=1e-13, atol=0)
+    torch.testing.assert_close(got_stats.scatter, want_stats.scatter, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(got.factor_packed, want.factor_packed, rtol=1e-6, atol=1e-7)
+
+
+def test_non_positive_definite_patch_is_named_after_all_chunks(monkeypatch):
+    from stnpadim_ext import stats as stats_mod
+
+    monkeypatch.setattr(stats_mod, "_chunk_bytes", lambda device: 1)  # one patch per chunk
+    x = embeddings(20, 4, 5, seed=2)
+    x[:, :, 3] = 5.0  # patch 3: constant -> zero covariance
+    with pytest.raises(InputError, match="patch 3 is not positive definite"):
+        fit(x, batch=20).finalize(eps=0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_cuda_float64_statistics_match_cpu():
+    x = embeddings(50, 24, 11, seed=5)
+    want = fit(x, batch=16)
+    stats = sp.GaussianStats(11, 24, device="cuda")
+    for start in range(0, 50, 16):
+        stats.update(x[start:start + 16].cuda())
+    torch.testing.assert_close(stats.mean.cpu(), want.mean, rtol=1e-13, atol=0)
+    torch.testing.assert_close(stats.scatter.cpu(), want.scatter, rtol=1e-11, atol=1e-8)
+    torch.testing.assert_close(stats.finalize().factor_packed.cpu(), want.finalize().factor_packed,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_cuda_non_finite_update_is_refused_at_finalize():
+    x = embeddings(10, 4, 3, seed=1).cuda()
+    x[2, 1, 0] = float("nan")
+    stats = sp.GaussianStats(3, 4).update(x[:5]).update(x[5:])  # no device sync per update
+    with pytest.raises(InputError, match="NaN or Inf"):
+        stats.finalize()

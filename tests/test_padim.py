@@ -334,3 +334,41 @@ def test_reference_ops_and_extension_give_the_same_scores(tmp_path):
     assert outputs["ext"]["extension"] == sp.backend_info()["extension"]
     torch.testing.assert_close(outputs["ext"]["scores"], outputs["ref"]["scores"], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(outputs["ext"]["maps"], outputs["ref"]["maps"], rtol=1e-4, atol=1e-3)
+
+
+def test_map_operators_are_built_once_per_shape():
+    from stnpadim_ext.models.padim import anomaly_map
+
+    anomaly_map._map_operators.cache_clear()
+    distance = torch.rand(2, 7 * 9)
+    first = distance_to_map(distance, (7, 9), (61, 45))
+    again = distance_to_map(distance, (7, 9), (61, 45))
+    assert anomaly_map._map_operators.cache_info().hits == 1
+    assert torch.equal(first, again)
+    distance_to_map(distance.double(), (7, 9), (61, 45))  # another dtype: another entry
+    assert anomaly_map._map_operators.cache_info().currsize == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fit_and_predict_match_cpu():
+    train, test = torch.rand(12, 3, 64, 64), torch.rand(5, 3, 80, 72)
+    test[:2, :, 20:40, 20:40] = 1.0
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        models = [PaDiM(backbone="resnet18", pretrained=False, image_size=64, device=device,
+                        backbone_dtype="float32", progress=False) for device in ("cpu", "cuda")]
+        cpu, gpu = models
+        gpu.embedding.load_state_dict(cpu.embedding.state_dict())  # the same random weights
+        cpu.fit(train)
+        gpu.fit(train)
+        assert gpu.gaussian.mean.is_cuda
+        torch.testing.assert_close(gpu.gaussian.mean.cpu(), cpu.gaussian.mean, rtol=1e-4, atol=1e-4)
+        s_cpu, m_cpu = cpu.predict(test)
+        s_gpu, m_gpu = gpu.predict(test)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert s_gpu.device.type == "cpu" and m_gpu.shape == (5, 80, 72)
+    torch.testing.assert_close(s_gpu, s_cpu, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(m_gpu, m_cpu, rtol=1e-3, atol=1e-3)

@@ -10,6 +10,8 @@ it means in the paper at 224-256 px, whatever the resolution of the images hande
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -26,19 +28,34 @@ def _upsample_blur_operator(n_in: int, n_out: int, kernel: torch.Tensor, mode: s
     return x[:, 0, :, 0].T
 
 
+@functools.lru_cache(maxsize=16)
+def _map_operators(grid: tuple[int, int], size: tuple[int, int], sigma: float, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [size[0], grid[0]], cols^T [grid[1], size[1]]) of distance_to_map, built once per
+    shape: rebuilding them per batch costs a dozen small kernel launches on a GPU. Never
+    written to by callers."""
+    kernel = gaussian_kernel1d(sigma, device=device, dtype=torch.float64)
+    mode = border_mode(kernel.numel() // 2, *size)
+    rows = _upsample_blur_operator(grid[0], size[0], kernel, mode).to(dtype)
+    cols = _upsample_blur_operator(grid[1], size[1], kernel, mode).to(dtype)
+    return rows, cols.T
+
+
 def distance_to_map(distance: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
                     sigma: float = 4.0) -> torch.Tensor:
     """Distances [B, h*w] on the embedding grid -> smoothed map [B, *size] on the model's input grid.
 
     Equals gaussian_blur(bilinear upsampling): both are separable and linear, so each axis
-    is one small [size, grid] matrix (built in float64) and the map is rows @ d @ cols^T,
-    ~10x cheaper than convolving the upsampled maps.
+    is one small [size, grid] matrix (built in float64, cached per shape, sigma, device and
+    dtype) and the map is rows @ d @ cols^T, ~10x cheaper than convolving the upsampled maps.
     """
-    kernel = gaussian_kernel1d(sigma, device=distance.device, dtype=torch.float64)
-    mode = border_mode(kernel.numel() // 2, *size)
-    rows = _upsample_blur_operator(grid[0], size[0], kernel, mode).to(distance.dtype)
-    cols = _upsample_blur_operator(grid[1], size[1], kernel, mode).to(distance.dtype)
-    return rows @ distance.view(-1, *grid) @ cols.T
+    # While tracing or exporting (ONNX, torch.export) the tensors may be fake or symbolic:
+    # build the operators then, never cache them.
+    tracing = (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+               or type(distance) is not torch.Tensor)
+    build = _map_operators.__wrapped__ if tracing else _map_operators
+    rows, cols_t = build(tuple(grid), tuple(size), float(sigma), distance.device, distance.dtype)
+    return rows @ distance.view(-1, *grid) @ cols_t
 
 
 def to_input_frame(maps: torch.Tensor, size: tuple[int, int],
