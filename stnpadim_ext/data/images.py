@@ -6,7 +6,10 @@ of paths; a DataLoader or any iterable yielding tensors, or tuples/dicts whose f
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -17,14 +20,60 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# The only PIL decoders a file is handed to, whatever its name says: no EPS (Ghostscript),
+# no exotic plugin parsing hostile bytes.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+# Decompression-bomb guard: a 388 KB PNG can claim 20000 x 20000 pixels. 144 megapixels
+# (12000 x 12000) admits any camera image while bounding one decode to ~0.6 GB (RGBA uint8).
+MAX_PIXELS = 12000 * 12000
+# Rounding slack of the [0, 1] check: resized or converted images may overshoot by an ulp.
+RANGE_SLACK = 1e-3
 
 
-def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None,
+               max_side: int | None = None) -> torch.Tensor:
     """Reads one image as float [3, H, W] in [0, 1], whatever its mode (L, RGBA, I;16, ...).
+
+    Only the formats in IMAGE_FORMATS are decoded, images above MAX_PIXELS are refused, and
+    a large image is shrunk while it is decoded (JPEG: DCT scaling; others: box reduction
+    to no less than 4x the target side, 1x for `max_side`; then the antialiased resize), so
+    memory follows the target size, not the file's.
 
     Args:
         path: image file.
         size: optional (H, W) or int to resize to (bilinear, antialiased).
+        max_side: without `size`, shrink (keeping the aspect ratio) so that the longer side
+            is at most this.
+
+    Raises:
+        InputError naming the file: missing, empty, not an allowed format, unreadable, too
+        many pixels, or NaN / Inf pixel values (float TIFFs).
+    """
+    path = Path(path)
+    with open_image(path) as img:
+        try:
+            oversample = 4  # model input: the antialiased resize does the last 4x
+            if size is None and max_side is not None and max(img.size) > max_side:
+                scale = max_side / max(img.size)
+                size = (max(1, round(img.height * scale)), max(1, round(img.width * scale)))
+                oversample = 1  # a picture to look at: box reduction is plenty
+            target = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+            array = _to_float_rgb(_shrink_on_decode(img, target, oversample))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{path}: not a readable image ({exc})") from None
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    if size is not None:
+        tensor = resize(tensor[None], size)[0]
+    return tensor.contiguous()
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """Opens an image file lazily (header only) after the checks every reader needs.
+
+    Raises:
+        InputError naming the file: missing, empty, not one of IMAGE_FORMATS (no other PIL
+        plugin ever sees the bytes), or more than MAX_PIXELS pixels.
     """
     path = Path(path)
     if not path.is_file():
@@ -32,15 +81,43 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = Non
     if path.stat().st_size == 0:
         raise InputError(f"{path}: empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
-            img.load()
-            array = _to_float_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():  # our own limit replaces PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not a readable image (not a PNG, JPEG, BMP, TIFF or WebP "
+                         "file)") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: image has too many pixels (limit {MAX_PIXELS:,})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({exc})") from None
-    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    if size is not None:
-        tensor = resize(tensor[None], size)[0]
-    return tensor
+    with img:
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise InputError(f"{path}: image is {width}x{height} = {width * height:,} pixels, "
+                             f"above the limit of {MAX_PIXELS:,}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield img
+
+
+def _shrink_on_decode(img: Image.Image, target: tuple[int, int] | None,
+                      oversample: int) -> Image.Image:
+    """Decodes `img`, reduced by an integer factor while it stays >= oversample x target (H, W)."""
+    if target is None:
+        img.load()
+        return img
+    keep = (oversample * target[1], oversample * target[0])  # (W, H)
+    if img.format == "JPEG":
+        img.draft(img.mode, keep)  # DCT scaling: the full-size image is never decoded
+    img.load()
+    factor = min(img.width // keep[0], img.height // keep[1])
+    if factor >= 2:
+        try:
+            return img.reduce(factor)
+        except ValueError:  # a mode reduce does not handle (I;16, 1): keep the full decode
+            pass
+    return img
 
 
 def _to_float_rgb(img: Image.Image) -> np.ndarray:
@@ -50,7 +127,10 @@ def _to_float_rgb(img: Image.Image) -> np.ndarray:
         arr = np.clip(arr / scale, 0.0, 1.0)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode == "F":
-        arr = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        arr = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(arr).all():  # would clip to 0 / 1 or poison every score
+            raise ValueError("it holds NaN or Inf pixel values")
+        arr = np.clip(arr, 0.0, 1.0)
         return np.repeat(arr[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite onto black, so transparent background reads as background, not noise.
@@ -98,7 +178,31 @@ def check_batch(batch: torch.Tensor, what: str = "images") -> torch.Tensor:
                          "(divide uint8 images by 255)")
     if batch.numel() == 0:
         raise InputError(f"{what} is empty: shape {list(batch.shape)}")
+    if batch.is_floating_point():
+        _check_range(batch, what)
     return batch
+
+
+def _check_range(batch: torch.Tensor, what: str) -> None:
+    """Float images must be finite and in [0, 1] (up to RANGE_SLACK): a NaN would come out
+    as NaN scores, ImageNet-normalised or 0..255 input as garbage ones."""
+    low, high = (float(v) for v in torch.aminmax(batch.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):  # aminmax propagates NaN
+        raise InputError(f"{what} contain NaN or Inf values")
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        raise InputError(f"{what} must be in [0, 1]; got values from {low:.4g} to {high:.4g} "
+                         "(pass images as float in [0, 1], not normalised or 0..255)")
+
+
+def describe(images) -> str:
+    """How a message names an `images` argument: the path, the one folder of a list of
+    paths, else a count or "images"."""
+    if _is_path(images):
+        return str(images)
+    if isinstance(images, (list, tuple)) and images and all(_is_path(p) for p in images):
+        folders = {str(Path(p).parent) for p in images}
+        return folders.pop() if len(folders) == 1 else f"{len(images)} image files"
+    return "images"
 
 
 def _unwrap(item):

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
-from .images import IMAGE_SUFFIXES, load_image, resize
+from .images import IMAGE_SUFFIXES, load_image, open_image, resize
 
 MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
                     "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
@@ -194,13 +193,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
-    try:
-        with Image.open(path) as img:  # reads the header only
-            return img.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from None
+    with open_image(path) as img:  # reads the header only; the format and pixel checks apply
+        return img.size
 
 
 def _check_same_size(image: Path, mask: Path) -> None:
