@@ -13,13 +13,14 @@ import csv
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .errors import InputError
 
@@ -41,6 +42,7 @@ def _umask() -> int:
 
 # mkstemp creates 0600 files; outputs get the permissions a plain open() would give.
 _FILE_MODE = 0o666 & ~_umask()
+PNG_SOFTWARE = "stnpadim"  # tEXt "Software" of our PNGs: tells our outputs from the user's files
 
 
 # ----------------------------------------------------------------------------------------
@@ -51,25 +53,87 @@ _FILE_MODE = 0o666 & ~_umask()
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renamed onto `path` only if the block succeeds.
 
-    Creates the parent folders. A folder at `path`, or a parent that cannot be created,
-    is an InputError naming it.
+    The temporary is `.NAME.PID.XXXX.tmp`: one left by a process that no longer runs (killed
+    mid-write) is removed by the next write to NAME. The file gets the umask's permissions
+    (not mkstemp's 0600) and is flushed to disk before the rename. Creates the parent
+    folders. A folder at `path`, or a parent that cannot be created, is an InputError naming it.
     """
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise InputError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike, last: Iterable[str] = ()) -> Iterator[Path]:
+    """Yields a hidden staging folder inside `folder`: the outputs of one run are written
+    there and moved into `folder` only when the block succeeds (the names in `last` after
+    the others), so they appear together or not at all. Stale staging folders of dead
+    processes are removed like atomic_file's temporaries.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder / ".stage")
+        stage = Path(tempfile.mkdtemp(prefix=_temp_prefix(folder / ".stage"), suffix=".tmp",
+                                      dir=folder))
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot write here ({exc.strerror or exc})") from None
+    try:
+        yield stage
+        last = set(last)
+        for name in sorted(os.listdir(stage), key=lambda n: (n in last, n)):
+            os.replace(stage / name, folder / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Removes `.NAME.PID.*.tmp` files / folders beside `path` whose process PID is gone."""
+    prefix = f".{path.name}."
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale = path.parent / name
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -90,7 +154,8 @@ def write_scores_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     if not rows:
         raise InputError(f"{path}: no scores to write")
     with atomic_file(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: a file name that is not UTF-8 (x\xffy.png) keeps its bytes.
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
@@ -98,9 +163,11 @@ def write_scores_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Writes a uint8 [H, W, 3] array as a PNG, atomically."""
+    """Writes a uint8 [H, W, 3] array as a PNG (tagged Software: stnpadim), atomically."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
     with atomic_file(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=info)
     return Path(path)
 
 

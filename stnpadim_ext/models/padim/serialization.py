@@ -3,19 +3,21 @@
     {"format": "stnpadim.padim", "version": 1, "config": "<json>", "tensors": {name: Tensor}}
 
 Only str / int / tensors inside, so `torch.load(weights_only=True)` reads it without running
-any pickled code. Written to a temporary file in the target folder, then renamed over the
-target: an interrupted save leaves the old file (or none), never a broken one.
+any pickled code. Written through report.atomic_file (a temporary file in the target folder,
+renamed over the target): an interrupted save leaves the old file (or none), never a broken
+one, and the file gets the umask's permissions. `read_model_file` checks the container;
+`model.load` validates every config value and tensor before building anything.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ...errors import InputError
+from ...report import atomic_file
 
 FORMAT = "stnpadim.padim"
 FORMAT_VERSION = 1
@@ -34,17 +36,18 @@ def write_model_file(path: str | os.PathLike, config: dict, tensors: dict[str, t
         "config": json.dumps(config, sort_keys=True),
         "tensors": {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
     return path
+
+
+def is_model_file(path: str | os.PathLike) -> bool:
+    """True when `path` is a stnpadim model file (of any version); reads little (mmap)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # anything unreadable is not ours
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
 
 
 def read_model_file(path: str | os.PathLike, map_location="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
