@@ -10,6 +10,7 @@ memory depends on P and C only, never on the number of images.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -318,9 +319,10 @@ class GaussianStats:
         Returns:
             PatchGaussian: float32 mean and packed lower factor of the precision.
         """
+        number = isinstance(eps, numbers.Real) and not isinstance(eps, bool)
+        if not (number and math.isfinite(eps) and eps >= 0):
+            raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
         self._require_samples()
-        if not (math.isfinite(eps) and eps >= 0):
-            raise InputError(f"eps must be a finite number >= 0, got {eps}")
         self._check_finite()
         lower = _tril_flat_index(self.dim, self.device)
         packed = torch.empty(self.num_patches, lower.numel(), dtype=torch.float32, device=self.device)

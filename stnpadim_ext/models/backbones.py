@@ -38,6 +38,14 @@ OFFLINE_VARIABLES = ("STNPADIM_OFFLINE", "HF_HUB_OFFLINE")
 # A mirror serving torchvision's file names (http(s):// or file://), for sites without internet.
 MIRROR_VARIABLE = "STNPADIM_WEIGHTS_URL_BASE"
 
+# Keys of the full networks' checkpoints that belong to the parts we drop (the head after
+# the third feature stage); any other key our module lacks means the wrong network.
+DROPPED = {
+    "resnet18": ("layer4.", "fc."),
+    "wide_resnet50_2": ("layer4.", "fc."),
+    "efficientnet_lite0": ("_conv_head.", "_bn1.", "_fc.", *(f"_blocks.{i}." for i in range(11, 16))),
+}
+
 
 class Backbone(nn.Module):
     """A truncated CNN returning its feature maps after three stages.
@@ -235,11 +243,16 @@ def _read_state_dict(path: str | os.PathLike, name: str) -> dict:
 def _load_into(module: Backbone, state: dict, path, name: str) -> None:
     own = module.state_dict()
     # Keys of the full network; the dropped head (fc, layer4, blocks 11+) is simply not used.
-    mapped = {}
+    mapped, unexpected = {}, []
     for key, value in state.items():
         target = _rename(key, name)
         if target in own:
             mapped[target] = value
+        elif not key.startswith(DROPPED[name]):
+            unexpected.append(key)
+    if unexpected:  # strict: a deeper sibling (resnet34 for resnet18) must not half-load
+        raise InputError(f"{path}: does not hold {name} weights ({len(unexpected)} tensors "
+                         f"{name} does not have, e.g. {unexpected[0]!r})")
     missing = sorted(set(own) - set(mapped))
     if missing:
         raise InputError(f"{path}: does not hold {name} weights (missing {len(missing)} "
@@ -248,7 +261,10 @@ def _load_into(module: Backbone, state: dict, path, name: str) -> None:
     if wrong:
         raise InputError(f"{path}: tensor {wrong[0]!r} has shape {list(mapped[wrong[0]].shape)}, "
                          f"{name} needs {list(own[wrong[0]].shape)}")
-    module.load_state_dict(mapped)
+    bad = [k for k, v in mapped.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"{path}: tensor {bad[0]!r} holds NaN or Inf values")
+    module.load_state_dict(mapped, strict=True)
 
 
 def _rename(key: str, name: str) -> str:

@@ -14,6 +14,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -22,17 +24,24 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...data.images import iter_batches, resize
+from ...data.images import describe, iter_batches, resize
+from ...devices import resolve_device
 from ...errors import InputError
 from ...ops.mahalanobis import mahalanobis
 from ...stats import GaussianStats, PatchGaussian
 from ..backbones import BACKBONES, build_backbone
 from ..stn import STN, invert_theta
+from . import validate
 from .anomaly_map import distance_to_map, to_input_frame
 from .serialization import read_model_file, write_model_file
 from .torch_model import PadimEmbedding
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Largest image_size / center_crop side: the fit state is (side / 4)^2 patches x C^2 float64,
+# 5 GB at 1024 px with 100 channels; beyond that a typo (100000) would ask for terabytes.
+MAX_IMAGE_SIZE = 1024
+# Largest blur sigma (model-input pixels): the paper's is 4; the kernel spans 8 sigma.
+MAX_SIGMA = 64.0
 # Images per backbone pass and statistics update while fitting, per device type: caps the
 # activation and embedding memory whatever the loader's batch size (~5 MB per 256 px
 # resnet18 image). A GPU has the memory, and small passes would leave it waiting on launches.
@@ -51,10 +60,11 @@ class PaDiM:
         weights: a backbone state-dict file to use instead of the default weights.
         n_features: embedding channels kept (random fixed subset); default 100 for resnet18
             and efficientnet_lite0, 550 for wide_resnet50_2.
-        image_size: side (or (H, W)) every image is resized to before the backbone.
+        image_size: side (or (H, W)) every image is resized to before the backbone,
+            32..MAX_IMAGE_SIZE (1024).
         stn: an `stnpadim_ext.STN` (or any module x -> (aligned, theta)); images are
             aligned before the backbone at fit and predict time, maps are warped back.
-        device: torch device; default CUDA when available, else CPU.
+        device: "cpu", "cuda", "cuda:N" or a torch.device; default CUDA when available.
         center_crop: crop this side (or (H, W)) from the centre after resizing: the PaDiM
             paper's pre-processing is image_size=256, center_crop=224. Map pixels outside
             the crop are 0.
@@ -63,7 +73,8 @@ class PaDiM:
             precision, for GPU inference; statistics and distances stay float32/float64.
         seed: seed of the random channel subset.
         eps: covariance regulariser (cov + eps * I), 0.01 as in the paper.
-        sigma: Gaussian blur of the anomaly map in model-input pixels, 4 as in the paper.
+        sigma: Gaussian blur of the anomaly map in model-input pixels, 4 as in the paper
+            (0 < sigma <= 64).
         progress: show tqdm bars.
     """
 
@@ -73,24 +84,25 @@ class PaDiM:
                  center_crop: int | tuple[int, int] | None = None, batch_size: int = 32,
                  backbone_dtype: str | None = None, seed: int = 0, eps: float = 0.01,
                  sigma: float = 4.0, progress: bool = True):
-        if backbone not in BACKBONES:
+        if not isinstance(backbone, str) or backbone not in BACKBONES:
             raise InputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-        self.image_size = _pair(image_size, "image_size", minimum=32)
-        self.center_crop = None if center_crop is None else _pair(center_crop, "center_crop", 32)
+        self.image_size = _pair(image_size, "image_size")
+        self.center_crop = None if center_crop is None else _pair(center_crop, "center_crop")
         if self.center_crop and any(c > s for c, s in zip(self.center_crop, self.image_size, strict=True)):
             raise InputError(f"center_crop {self.center_crop} is larger than image_size {self.image_size}")
-        if int(batch_size) < 1:
-            raise InputError(f"batch_size must be >= 1; got {batch_size}")
+        if n_features is not None:
+            n_features = _integer(n_features, "n_features", 1)
         if backbone_dtype not in (None, *DTYPES):
             raise InputError(f"backbone_dtype must be one of {', '.join(DTYPES)}; got {backbone_dtype!r}")
-        self.device = torch.device(device if device is not None else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size, self.progress = int(batch_size), progress
+        self.device = resolve_device(device)
+        self.batch_size, self.progress = _integer(batch_size, "batch_size", 1), progress
         self.backbone_dtype = backbone_dtype or "float32"
-        self.eps, self.sigma, self.seed = float(eps), float(sigma), int(seed)
+        self.seed = _integer(seed, "seed", 0)
+        self.eps = _number(eps, "eps", 0.0, math.inf, low_open=False)
+        self.sigma = _number(sigma, "sigma", 0.0, MAX_SIGMA, low_open=True)
         self.backbone_name = backbone
         self.embedding = PadimEmbedding(build_backbone(backbone, pretrained, weights), n_features,
-                                        seed, DTYPES[self.backbone_dtype]).to(self.device)
+                                        self.seed, DTYPES[self.backbone_dtype]).to(self.device)
         self.stn = None if stn is None else stn.to(self.device).eval()
         self.gaussian: PatchGaussian | None = None
         self.grid: tuple[int, int] | None = None
@@ -165,7 +177,13 @@ class PaDiM:
         self._accumulate(images, stats, allow_empty=distributed)
         if distributed:
             stats.all_reduce()
-        self.gaussian, self.grid = stats.finalize(self.eps), grid
+        if stats.count < 2:  # a covariance needs two samples
+            raise InputError(f"{describe(images)}: PaDiM needs at least 2 good images to fit; "
+                             f"got {stats.count}")
+        try:
+            self.gaussian, self.grid = stats.finalize(self.eps), grid
+        except InputError as exc:  # NaN features (found here on a GPU), singular covariance
+            raise InputError(f"{describe(images)}: {exc}") from None
         return self
 
     @torch.no_grad()
@@ -175,7 +193,10 @@ class PaDiM:
         with self._bar(images, "PaDiM fit") as bar:
             for batch in iter_batches(images, self.batch_size, self.image_size, allow_empty):
                 for part in self._prepare(batch)[0].split(FIT_CHUNK.get(self.device.type, 4)):
-                    stats.update(self.embedding(part))
+                    try:
+                        stats.update(self.embedding(part))
+                    except InputError as exc:  # e.g. NaN features (CPU): name the input
+                        raise InputError(f"{describe(images)}: {exc}") from None
                 bar.update(batch.shape[0])
 
     # ------------------------------------------------------------------ predict
@@ -248,25 +269,37 @@ def load(path: str | os.PathLike, device=None, **options) -> PaDiM:
         device: where to run it (default CUDA when available).
         **options: run-time options of PaDiM (batch_size, backbone_dtype, progress).
     """
+    device = resolve_device(device)
     config, tensors = read_model_file(path)
     try:
-        stn = None if config.get("stn") is None else STN(**config["stn"])
+        # Config and tensors are checked before anything large is built or any tensor used.
+        validate.check_config(config)
+        stn = None if config["stn"] is None else STN(**config["stn"])
         model = PaDiM(config["backbone"], pretrained=False, n_features=config["n_features"],
-                      image_size=tuple(config["image_size"]), stn=stn, device=device,
-                      center_crop=tuple(config["center_crop"]) if config["center_crop"] else None,
-                      seed=config["seed"], eps=config["eps"], sigma=config["sigma"], **options)
+                      image_size=config["image_size"], stn=stn, device=device,
+                      center_crop=config["center_crop"], seed=config["seed"],
+                      eps=config["eps"], sigma=config["sigma"], **options)
+        grid = model.embedding.grid_size(*model.input_size)
+        if tuple(config["grid"]) != grid:
+            raise InputError(f"config 'grid' {config['grid']} does not match the embedding grid "
+                             f"{list(grid)} of its input size {list(model.input_size)}")
         groups = _split_prefixes(tensors, ("embedding.", "gaussian.", "stn."))
+        validate.check_tensors(groups, {
+            "embedding.": validate.module_shapes(model.embedding),
+            "gaussian.": validate.gaussian_shapes(grid[0] * grid[1], model.n_features),
+            "stn.": validate.module_shapes(model.stn)})
+        validate.check_channel_subset(groups["embedding."]["idx"],
+                                      sum(model.embedding.backbone.channels))
+        validate.check_factor(groups["gaussian."]["factor_packed"], model.n_features)
         model.embedding.load_state_dict(groups["embedding."])
         if stn is not None:
             model.stn.load_state_dict(groups["stn."])
         model.gaussian = PatchGaussian.from_state_dict(groups["gaussian."]).to(model.device)
-        model.grid = tuple(config["grid"])
+        model.grid = grid
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # InputError is a ValueError
         first_line = (str(exc).splitlines() or [""])[0][:200]
-        raise InputError(f"{path}: damaged stnpadim model file ({type(exc).__name__}: {first_line})") from None
-    if model.gaussian.num_patches != model.grid[0] * model.grid[1]:
-        raise InputError(f"{path}: damaged stnpadim model file (Gaussians for "
-                         f"{model.gaussian.num_patches} patches, grid {model.grid})")
+        kind = "" if isinstance(exc, InputError) else f"{type(exc).__name__}: "
+        raise InputError(f"{path}: damaged stnpadim model file ({kind}{first_line})") from None
     return model
 
 
@@ -288,8 +321,31 @@ def _stn_config(stn: nn.Module) -> dict:
     return config
 
 
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= minimum for v in pair):
-        raise InputError(f"{name} must be an int or (H, W) pair of ints >= {minimum}; got {value!r}")
-    return pair
+def _pair(value, name: str, minimum: int = 32, maximum: int = MAX_IMAGE_SIZE) -> tuple[int, int]:
+    pair = (value, value) if _is_integer(value) else value
+    if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+            _is_integer(v) and minimum <= v <= maximum for v in pair):
+        return int(pair[0]), int(pair[1])
+    raise InputError(f"{name} must be an int or (H, W) pair of ints in {minimum}..{maximum}; "
+                     f"got {value!r}")
+
+
+def _integer(value, name: str, minimum: int) -> int:
+    if not _is_integer(value) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    return int(value)
+
+
+def _number(value, name: str, low: float, high: float, low_open: bool) -> float:
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if low_open else value >= low) and value <= high)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += "" if high == math.inf else f" and <= {high}"
+        raise InputError(f"{name} must be a finite number {bound}; got {value!r}")
+    return float(value)
+
+
+def _is_integer(value) -> bool:
+    """int or numpy integer, not bool (True is not an image size)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

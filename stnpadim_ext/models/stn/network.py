@@ -84,6 +84,9 @@ class STN(nn.Module):
         """Theta [B, 2, 3] (affine_grid convention) for images x [B, 3, H, W] in [0, 1]."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"STN input must have shape [B, 3, H, W]; got {list(x.shape)}")
+        if x.dtype != self.head.weight.dtype:
+            raise ValueError(f"STN input must be {self.head.weight.dtype} like the STN's weights; "
+                             f"got {x.dtype} (convert x, or the STN with .to(dtype))")
         size = self.config["loc_size"]
         small = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=True) - 0.5

@@ -89,6 +89,8 @@ def train_stn(stn: STN, images, objective: str = "reconstruct", epochs: int | No
     epochs = DEFAULT_EPOCHS[objective] if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1; got {epochs}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
+        raise ValueError(f"image_size must be None or an integer >= 16; got {image_size!r}")
     ranges = _ranges(objective, rotation, translation, scale)
     data = torch.cat([b.float() for b in iter_batches(images, 64, size=image_size)])
     if data.shape[0] < 2:
