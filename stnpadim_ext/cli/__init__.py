@@ -11,7 +11,9 @@ the run with exit status 2 and one line `stnpadim: error: <file>: <problem>` on 
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from ..errors import InputError
 
@@ -19,13 +21,16 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 ok, 2 user error, 130 interrupted).
+    """Runs the command line; returns the exit status (0 ok, 2 user error, 130 interrupted,
+    143 terminated by SIGTERM).
 
     Args:
         argv: arguments without the program name (default: sys.argv[1:]).
     """
     from .parser import COMMANDS, build_parser
 
+    _tolerate_odd_names(sys.stdout)
+    previous = _on_sigterm(_terminate)
     try:
         parser = build_parser()
         try:
@@ -42,9 +47,33 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # unwritable output folder, disk full: the user's to fix
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"{where}{exc.strerror or exc}")
-    except KeyboardInterrupt:
-        print("stnpadim: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # temporary files are removed on the way out
+        terminated = isinstance(exc, Terminated)
+        print(f"stnpadim: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        _on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Installs `handler` for SIGTERM (main thread only); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _tolerate_odd_names(stream) -> None:
+    # A file name that is not UTF-8 (kept by Python as surrogates) must print, not crash.
+    if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
+        stream.reconfigure(errors="backslashreplace")
 
 
 def _fail(message: str) -> int:

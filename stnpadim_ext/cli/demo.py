@@ -13,7 +13,8 @@ from ..data.mvtec import load_category
 from ..data.synth import CATEGORIES, make_dataset
 from ..report import markdown_table, mask_overlay, overlay, summarize, to_rgb8, write_image, write_json, write_text
 from .experiment import ModelOptions, Predictions, run_category
-from .parser import at_least
+from .outputs import check_outputs, check_writable_folder
+from .parser import add_force_option, at_least
 
 # A texture, an aligned part, a part whose test images drift in pose and a part in random
 # poses: every kind the synthetic generator makes.
@@ -38,11 +39,19 @@ def register(commands, common) -> None:
                         help="folder for table.md, results.json and heatmaps/ "
                              "(default: ./stnpadim_demo)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="data and model seed (default: 0)")
+    add_force_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     out = Path(args.out)
+    # Checked before minutes of work: the folder, its two files and earlier heatmaps.
+    heatmaps = out / "heatmaps"
+    check_writable_folder(heatmaps)
+    outputs = {out / "table.md": "markdown table", out / "results.json": "results JSON"}
+    if heatmaps.is_dir():
+        outputs.update({path: "heatmap PNG" for path in heatmaps.iterdir() if path.is_file()})
+    check_outputs(outputs, force=args.force)
     start = time.perf_counter()
     per_arm = {"PaDiM": {}, "STN+PaDiM": {}}
     panels = {}
@@ -65,8 +74,8 @@ def run(args) -> int:
                   f"{per_arm['STN+PaDiM'][name]['image_auroc']:.3f}, "
                   f"{time.perf_counter() - start:.0f} s elapsed", flush=True)
         # Written once everything ran (the test images are still in the temporary folder).
-        heatmaps = sum(_write_panels(out / "heatmaps", name, predictions)
-                       for name, predictions in panels.items())
+        n_heatmaps = sum(_write_panels(heatmaps, name, predictions)
+                         for name, predictions in panels.items())
     arms = {label: summarize(results) for label, results in per_arm.items()}
     table = markdown_table(arms)
     write_text(out / "table.md", table)
@@ -74,7 +83,7 @@ def run(args) -> int:
     print()
     print(table, end="")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; wrote {out / 'table.md'}, "
-          f"{out / 'results.json'} and {heatmaps} heatmaps in {out / 'heatmaps'}")
+          f"{out / 'results.json'} and {n_heatmaps} heatmaps in {heatmaps}")
     return 0
 
 

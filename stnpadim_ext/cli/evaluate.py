@@ -7,14 +7,14 @@ the table compares PaDiM with STN+PaDiM, as the paper's Table 1 does.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from ..data.mvtec import list_categories, load_category
 from ..errors import InputError
 from ..models.padim import load
 from ..report import markdown_table, summarize, write_json, write_text
 from .experiment import ModelOptions, run_category
-from .parser import MODEL_OPTIONS, add_model_options, add_run_options
+from .outputs import category_inputs, check_outputs
+from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options
 
 
 def register(commands, common) -> None:
@@ -33,14 +33,15 @@ def register(commands, common) -> None:
                         help="with an STN, skip the plain PaDiM comparison column")
     add_model_options(parser)
     add_run_options(parser)
+    add_force_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     # Everything is checked before minutes of fitting, not after.
-    for name in (args.json, args.table):
-        if name is not None and Path(name).is_dir():
-            raise InputError(f"{name}: is a folder; give a file name")
+    outputs = {name: kind for name, kind in ((args.json, "results JSON"),
+                                             (args.table, "markdown table")) if name is not None}
+    check_outputs(outputs, force=args.force)  # path shape and writability, before reading data
     given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
     if args.model is not None and given:
         raise InputError(f"--model evaluates a fitted model; fit options cannot apply to it: "
@@ -53,6 +54,8 @@ def run(args) -> int:
     for category in categories:
         if not category.test_items:
             raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
+    inputs = [p for p in (args.model, args.weights) if p]
+    check_outputs(outputs, inputs + [f for c in categories for f in category_inputs(c)], args.force)
     if args.model is not None:
         arms = _evaluate_model_file(args, categories)
     else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import iter_batches
+from ..data.images import describe, iter_batches
 from ..data.mvtec import Category, load_mask
 from ..errors import InputError
 from ..metrics import aupro, image_auroc, image_f1, pixel_auroc
@@ -91,6 +91,9 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True) -> tupl
     # Border padding: a part aligned from up to 30 degrees off shows no black corners,
     # which PaDiM would score as anomalies (measured on synthetic part_drift, 128 px,
     # efficientnet_lite0: STN+PaDiM image AUROC 0.57 with zeros padding, 0.89 with border).
+    if len(train_paths) < 2:  # a covariance (and the STN's validation split) needs two
+        raise InputError(f"{describe(train_paths)}: fitting needs at least 2 good images; "
+                         f"got {len(train_paths)}")
     stn = None if options.stn == "none" else STN(padding_mode="border")
     model = PaDiM(options.backbone, weights=options.weights, n_features=options.n_features,
                   image_size=options.image_size, stn=stn, device=options.device,

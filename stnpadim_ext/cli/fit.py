@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.mvtec import load_category
-from ..errors import InputError
 from .experiment import ModelOptions, fit_model
-from .parser import add_model_options, add_run_options
+from .outputs import category_inputs, check_outputs
+from .parser import add_force_option, add_model_options, add_run_options
 
 
 def register(commands, common) -> None:
@@ -19,14 +19,16 @@ def register(commands, common) -> None:
     parser.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
     add_model_options(parser)
     add_run_options(parser)
+    add_force_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     out = Path(args.out)
-    if out.is_dir():  # checked before minutes of fitting, not after
-        raise InputError(f"{out}: is a folder; give a file name for the model")
     category = load_category(args.data, args.category)
+    # Checked before minutes of fitting, not after; never over a training image.
+    inputs = category_inputs(category) + ([args.weights] if args.weights else [])
+    check_outputs({out: "model file"}, inputs, args.force)
     options = ModelOptions.from_args(args)
     model, info = fit_model(category.train_paths, options, args.progress)
     out.parent.mkdir(parents=True, exist_ok=True)

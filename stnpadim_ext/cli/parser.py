@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
+from ..devices import resolve_device
 from ..errors import InputError
 from ..models.backbones import BACKBONES
+from ..models.padim import MAX_IMAGE_SIZE
 from .experiment import ModelOptions
 
 STN_CHOICES = ("reconstruct", "canonical", "none")
@@ -64,9 +64,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stn-epochs", type=at_least(1), metavar="N",
                        help="maximum STN training epochs (default: the trainer's, per "
                             "objective; training stops early when validation stalls)")
-    group.add_argument("--image-size", type=at_least(32), metavar="PX",
-                       help=f"images are resized to PX x PX (default: {defaults.image_size})")
-    group.add_argument("--center-crop", type=at_least(32), metavar="PX",
+    group.add_argument("--image-size", type=at_least(32, MAX_IMAGE_SIZE), metavar="PX",
+                       help=f"images are resized to PX x PX, 32..{MAX_IMAGE_SIZE} "
+                            f"(default: {defaults.image_size})")
+    group.add_argument("--center-crop", type=at_least(32, MAX_IMAGE_SIZE), metavar="PX",
                        help="then crop PX x PX from the centre (the PaDiM paper: 256 + 224)")
     group.add_argument("--n-features", type=at_least(1), metavar="N",
                        help="embedding channels kept (default: the backbone's)")
@@ -86,8 +87,15 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                         help=f"images per forward pass (default: {ModelOptions().batch_size})")
 
 
-def at_least(minimum: int):
-    """argparse type: an integer >= minimum."""
+def add_force_option(parser: argparse.ArgumentParser) -> None:
+    """--force: replace existing files that are not outputs of ours (inputs never)."""
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing files even when they are not earlier stnpadim "
+                             "outputs of the same kind (never an input of the same command)")
+
+
+def at_least(minimum: int, at_most: int | None = None):
+    """argparse type: an integer >= minimum (and <= at_most when given)."""
 
     def parse(text: str) -> int:
         try:
@@ -96,9 +104,11 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most}; got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer >= {minimum}" if at_most is None else f"integer in {minimum}..{at_most}"
     return parse
 
 
@@ -116,18 +126,9 @@ def positive_float(text: str) -> float:
 def device(text: str) -> str:
     """argparse type: a torch device string this machine has."""
     try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (use cpu, cuda or cuda:N)")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"{text}: this machine has "
-                                             f"{torch.cuda.device_count()} CUDA device(s)")
-    return str(dev)
+        return str(resolve_device(text, name="--device"))
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device: ")) from None
 
 
 def _version() -> str:

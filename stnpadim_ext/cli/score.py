@@ -11,16 +11,22 @@ from ..data.images import IMAGE_SUFFIXES, iter_batches, load_image
 from ..data.mvtec import OS_CLUTTER
 from ..errors import InputError
 from ..models.padim import load
-from ..report import write_heatmap, write_scores_csv
+from ..report import staged_folder, write_heatmap, write_scores_csv
 from .experiment import ModelOptions
-from .parser import add_run_options, positive_float
+from .outputs import check_outputs, check_writable_folder
+from .parser import add_force_option, add_run_options, positive_float
+
+# Longest side of a heatmap overlay: images beyond it get a downscaled overlay (a 10000 px
+# overlay at full size would need gigabytes for no visible gain).
+HEATMAP_MAX_SIDE = 2048
 
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
         "score", parents=[common], help="score images with a saved model",
         description="Scores images (files, or every image in the given folders) and writes "
-                    "one heatmap overlay PNG per image and scores.csv to --out.")
+                    "one heatmap overlay PNG per image (longest side at most "
+                    f"{HEATMAP_MAX_SIDE} px) and scores.csv to --out.")
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
     parser.add_argument("--out", default="stnpadim_scores", metavar="DIR",
@@ -29,14 +35,18 @@ def register(commands, common) -> None:
                         help="anomaly value shown in the hottest colour (default: the highest "
                              "value over all scored images, so overlays are comparable)")
     add_run_options(parser)
+    add_force_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     paths = collect_images(args.inputs)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
+    names = heatmap_names(paths)
+    check_writable_folder(out)
+    # Checked before any work: never over an input image or the model, nor a foreign file.
+    outputs = {out / "scores.csv": "scores CSV", **{out / n: "heatmap PNG" for n in names}}
+    check_outputs(outputs, [*paths, args.model], args.force)
     options = ModelOptions.from_args(args)
     model = load(args.model, device=options.device, batch_size=options.batch_size, progress=False)
     # All predictions first: a bad image stops the run before anything is written.
@@ -50,12 +60,14 @@ def run(args) -> int:
     scores, maps = torch.cat(scores), torch.cat(maps)
     vmin, vmax = float(maps.min()), args.vmax or float(maps.max())
     rows = []
-    names = heatmap_names(paths)
-    for path, name, score, amap in tqdm(list(zip(paths, names, scores.tolist(), maps, strict=True)),
-                                        desc="heatmaps", unit="img", disable=not args.progress):
-        write_heatmap(out / name, load_image(path), amap, vmin, vmax)
-        rows.append({"image": str(path), "score": f"{score:.6g}", "heatmap": name})
-    write_scores_csv(out / "scores.csv", rows)
+    # Written to a staging folder and moved in at the end: all outputs or none.
+    with staged_folder(out, last=["scores.csv"]) as stage:
+        for path, name, score, amap in tqdm(list(zip(paths, names, scores.tolist(), maps, strict=True)),
+                                            desc="heatmaps", unit="img", disable=not args.progress):
+            # Overlays of huge images are written downscaled: memory stays bounded.
+            write_heatmap(stage / name, load_image(path, max_side=HEATMAP_MAX_SIDE), amap, vmin, vmax)
+            rows.append({"image": str(path), "score": f"{score:.6g}", "heatmap": name})
+        write_scores_csv(stage / "scores.csv", rows)
     print(f"scored {len(paths)} images: scores {min(scores.tolist()):.4g} .. "
           f"{max(scores.tolist()):.4g}; wrote {out / 'scores.csv'} and {len(paths)} heatmaps")
     return 0

@@ -21,6 +21,7 @@ image, so `affine_sample(image, theta)` shows the object in its canonical pose.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -108,12 +109,35 @@ def make_dataset(root: str | os.PathLike, categories=None, seed: int = 0, image_
             try:
                 _write_category(tmp, name, modes[name], seed, image_size,
                                 (n_train, n_test_good, n_test_defect), bar)
-                if (root / name).exists():
-                    shutil.rmtree(root / name)
-                tmp.rename(root / name)
+                _move_into_place(tmp, root / name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return names
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Renames the finished folder `tmp` to `target`, replacing what is there.
+
+    Only renames touch `target`: the old folder is first renamed aside (then deleted), so
+    concurrent runs writing the same category never delete files under each other's feet;
+    the last one to finish wins.
+    """
+    for _ in range(100):
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            try:
+                target.rename(aside / target.name)
+            except FileNotFoundError:  # another run moved it first
+                pass
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
+        try:
+            tmp.rename(target)
+            return
+        except OSError as exc:  # another run put its folder there in the meantime: again
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    raise InputError(f"{target}: could not be replaced (other processes keep writing it)")
 
 
 def _check_args(categories, image_size, *counts) -> list[str]:
@@ -150,7 +174,8 @@ def _pose_modes(names: list[str], pose) -> dict[str, str]:
 def _check_target(folder: Path, overwrite: bool) -> None:
     if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
         return
-    ours = _is_synthetic(folder)
+    # A concurrent run may be swapping the folder (gone for an instant): look twice.
+    ours = _is_synthetic(folder) or not folder.exists() or _is_synthetic(folder)
     if not ours:
         raise InputError(f"{folder}: exists and is not a synthetic set written by stnpadim; "
                          "refusing to overwrite it")
