@@ -690,6 +690,15 @@ def test_train_stn_image_size_zero():
 # 16. Concurrent synth --force to one root
 
 
+def test_synth_image_size_bound_and_out_file(tmp_path, capsys):
+    assert_error_names(capsys, ["synth", "--out", tmp_path / "s", "--image-size",
+                                "99999999999999999999"], "--image-size")
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    assert_error_names(capsys, ["synth", "--out", blocker, "--categories", "fabric"], blocker)
+    assert blocker.read_text() == "x" and files(tmp_path) == ["f"]
+
+
 def test_synth_replaces_a_folder_another_run_just_wrote(tmp_path, monkeypatch):
     """A competing run moves its folder in between our move-aside and our rename."""
     root = tmp_path / "root"

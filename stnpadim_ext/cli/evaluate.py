@@ -41,7 +41,8 @@ def run(args) -> int:
     # Everything is checked before minutes of fitting, not after.
     outputs = {name: kind for name, kind in ((args.json, "results JSON"),
                                              (args.table, "markdown table")) if name is not None}
-    check_outputs(outputs, force=args.force)  # path shape and writability, before reading data
+    inputs = [p for p in (args.model, args.weights) if p]
+    check_outputs(outputs, inputs, args.force)  # before reading the data, then with its files
     given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
     if args.model is not None and given:
         raise InputError(f"--model evaluates a fitted model; fit options cannot apply to it: "
@@ -54,7 +55,6 @@ def run(args) -> int:
     for category in categories:
         if not category.test_items:
             raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
-    inputs = [p for p in (args.model, args.weights) if p]
     check_outputs(outputs, inputs + [f for c in categories for f in category_inputs(c)], args.force)
     if args.model is not None:
         arms = _evaluate_model_file(args, categories)

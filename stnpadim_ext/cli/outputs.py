@@ -61,7 +61,8 @@ def check_writable_folder(folder: str | os.PathLike, needed_for: str | os.PathLi
             raise InputError(f"{existing}: is a broken link (needed for {shown})")
         existing = existing.parent
     if not existing.is_dir():
-        raise InputError(f"{existing}: is a file, not a folder (needed for {shown})")
+        needed = "" if existing == Path(shown) else f" (needed for {shown})"
+        raise InputError(f"{existing}: is a file, not a folder{needed}")
     try:  # an unnamed file, gone when closed: leaves nothing behind, even if killed
         with tempfile.TemporaryFile(dir=existing):
             pass

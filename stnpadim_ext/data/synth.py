@@ -38,6 +38,8 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 
 DEFECTS = ("scratch", "hole", "stain", "cut_paste")
+# Largest image side: the generator holds a few float64 arrays of the image (~0.1 GB each at 4096).
+MAX_IMAGE_SIZE = 4096
 
 # pose modes: how each split is posed. "aligned" still jitters by a pixel or a degree, as a
 # real fixture does; "drift" moves only the test images (good and defective alike).
@@ -80,7 +82,7 @@ def make_dataset(root: str | os.PathLike, categories=None, seed: int = 0, image_
         root: output folder (created if needed).
         categories: names from CATEGORIES (default: all).
         seed: same seed, same arguments -> byte-identical files.
-        image_size: side of the square images in pixels (>= 32).
+        image_size: side of the square images in pixels, 32..MAX_IMAGE_SIZE.
         n_train: good training images per category.
         n_test_good: good test images per category.
         n_test_defect: test images per defect type (DEFECTS) per category.
@@ -150,8 +152,8 @@ def _check_args(categories, image_size, *counts) -> list[str]:
         raise InputError(f"unknown synthetic categories {unknown}; choose from {list(CATEGORIES)}")
     if len(set(names)) != len(names):
         raise InputError(f"categories listed twice: {names}")
-    if not isinstance(image_size, int) or image_size < 32:
-        raise InputError(f"image_size must be an integer >= 32; got {image_size!r}")
+    if not isinstance(image_size, int) or not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise InputError(f"image_size must be an integer in 32..{MAX_IMAGE_SIZE}; got {image_size!r}")
     if any(not isinstance(c, int) or c < 0 for c in counts) or counts[0] < 1:
         raise InputError(f"n_train must be >= 1 and test counts >= 0; got {counts}")
     return names
