@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from stnpadim_ext.cli.experiment import ModelOptions, fit_model, run_category
-from stnpadim_ext.data.images import iter_batches
+from stnpadim_ext.data.images import as_float, iter_batches
 from stnpadim_ext.data.mvtec import load_category
 from stnpadim_ext.data.synth import make_dataset
 from stnpadim_ext.models.stn import compose, invert_theta, theta_pose
@@ -39,7 +39,7 @@ def pose_errors(stn, root: Path, name: str, size: int) -> dict:
     """Rotation (deg) and translation (px at `size`) error of stn on the test images."""
     meta = json.loads((root / name / "meta.json").read_text())
     items = [(p, r) for p, r in sorted(meta["images"].items()) if p.startswith("test/")]
-    images = torch.cat(list(iter_batches([root / name / p for p, _ in items], 64, size=size)))
+    images = torch.cat([as_float(b) for b in iter_batches([root / name / p for p, _ in items], 64, size=size)])
     truth = torch.tensor([r["theta"] for _, r in items], dtype=torch.float32)
     with torch.no_grad():
         residual = compose(invert_theta(truth), stn.predict_theta(images))
@@ -55,7 +55,7 @@ def pose_errors(stn, root: Path, name: str, size: int) -> dict:
 def inference_overhead(model, root: Path, name: str, repeats: int = 3) -> dict:
     """CPU seconds per image of STN alignment vs the whole predict (best of `repeats`)."""
     paths = [p for p in sorted((root / name / "test" / "good").iterdir())]
-    batch = next(iter_batches(paths, 32, size=model.image_size))
+    batch = as_float(next(iter_batches(paths, 32, size=model.image_size)))
 
     def best(fn):
         times = []

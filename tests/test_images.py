@@ -4,7 +4,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stnpadim_ext.data.images import check_batch, iter_batches, list_images, load_image
+from stnpadim_ext.data.images import (
+    as_float,
+    check_batch,
+    decode_image,
+    iter_batches,
+    iter_image_batches,
+    list_images,
+    load_image,
+    resize,
+)
 from stnpadim_ext.errors import InputError
 
 
@@ -121,11 +130,75 @@ def test_tensor_and_iterable_inputs():
     assert next(iter_batches(torch.rand(2, 1, 8, 8))).shape == (2, 3, 8, 8)
     loader = [{"image": x[:2], "mask": None}, (x[2:], torch.zeros(3))]
     assert [b.shape[0] for b in iter_batches(loader)] == [2, 3]
-    with pytest.raises(InputError, match="float"):
-        check_batch(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
+    assert check_batch(torch.zeros(1, 3, 4, 4, dtype=torch.uint8)).dtype == torch.uint8
+    with pytest.raises(InputError, match="float tensor in \\[0, 1\\] or a uint8"):
+        check_batch(torch.zeros(1, 3, 4, 4, dtype=torch.int32))
     with pytest.raises(InputError, match="channels"):
         check_batch(torch.zeros(1, 4, 4, 4))
     with pytest.raises(InputError, match="empty"):
         list(iter_batches([]))
     with pytest.raises(InputError, match="'image' key"):
         list(iter_batches([{"img": x}]))
+
+
+def _mixed_folder(folder, rng, n=7, size=(40, 48)):
+    """n files of one size in several formats and modes (8-bit RGB, JPEG, RGBA, 16-bit grey)."""
+    for i in range(n):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        kind = i % 4
+        if kind == 0:
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+        elif kind == 1:
+            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+        elif kind == 2:
+            alpha = rng.integers(0, 256, (*size, 1), dtype=np.uint8)
+            Image.fromarray(np.concatenate([pixels, alpha], 2), "RGBA").save(folder / f"{i}.png")
+        else:
+            Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(folder / f"{i}.png")
+    return list_images(folder)
+
+
+def test_parallel_pipeline_equals_sequential_decoding(tmp_path, rng):
+    paths = _mixed_folder(tmp_path, rng)
+    for size in (None, 16, (20, 12)):
+        batches = list(iter_batches(tmp_path, batch_size=3, size=size))
+        assert [b.shape[0] for b in batches] == [3, 3, 1]
+        got = torch.cat([as_float(b) for b in batches])
+        torch.testing.assert_close(got, torch.stack([load_image(p, size) for p in paths]), rtol=0, atol=0)
+    only_8bit = [p for i, p in enumerate(paths) if i % 4 != 3]
+    batch = next(iter_batches(only_8bit, batch_size=8))
+    assert batch.dtype == torch.uint8 and batch.is_contiguous(memory_format=torch.channels_last)
+    # file_size: decoded straight to it, each batch still knows the files' own size.
+    batches = list(iter_image_batches(paths, batch_size=4, file_size=10))
+    assert [tuple(b.images.shape) for b in batches] == [(4, 3, 10, 10), (3, 3, 10, 10)]
+    assert {b.source_size for b in batches} == {(40, 48)}
+
+
+def test_pipeline_names_the_bad_file(tmp_path, rng):
+    paths = _mixed_folder(tmp_path, rng, n=6)
+    (tmp_path / "4.png").write_bytes(b"not an image")
+    batches = iter_batches(paths, batch_size=2, size=8)
+    assert next(batches).shape == (2, 3, 8, 8)
+    assert next(batches).shape == (2, 3, 8, 8)
+    with pytest.raises(InputError, match=r"4\.png: not a readable image"):
+        next(batches)
+    Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "4.png")
+    with pytest.raises(InputError, match="different sizes"):
+        list(iter_image_batches(paths, batch_size=6, file_size=8))
+
+
+def test_reduce_on_decode_matches_a_full_decode(tmp_path):
+    ys, xs = np.mgrid[0:512, 0:768]
+    smooth = np.stack([ys / 2, xs / 3, (ys + xs) / 5], 2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "big.png")
+    for name in ("big.jpg", "big.png"):
+        image, source = decode_image(tmp_path / name, (64, 96))
+        assert source == (512, 768) and image.shape == (3, 64, 96) and image.dtype == torch.uint8
+        full = resize(load_image(tmp_path / name)[None], (64, 96))[0]
+        assert (as_float(image) - full).abs().mean() < 1.5 / 255
+
+
+def test_uint8_tensors_are_images_in_0_255():
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(as_float(next(iter_batches(x))), x.float() / 255, rtol=0, atol=0)

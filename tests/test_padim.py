@@ -265,7 +265,7 @@ def test_bad_inputs(small_model, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="channels"):
         small_model.predict(torch.rand(2, 4, 64, 64))
     with pytest.raises(InputError, match="float"):
-        small_model.predict(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+        small_model.predict(torch.zeros(2, 3, 64, 64, dtype=torch.int64))
     with pytest.raises(InputError, match="image_size"):
         PaDiM(image_size=8)
     with pytest.raises(InputError, match="center_crop"):
@@ -372,3 +372,27 @@ def test_cuda_fit_and_predict_match_cpu():
     assert s_gpu.device.type == "cpu" and m_gpu.shape == (5, 80, 72)
     torch.testing.assert_close(s_gpu, s_cpu, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(m_gpu, m_cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_uint8_images_score_as_float_ones(small_model):
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    s8, m8 = small_model.predict(x)
+    s32, m32 = small_model.predict(x.float() / 255)
+    torch.testing.assert_close(s8, s32, rtol=0, atol=0)
+    torch.testing.assert_close(m8, m32, rtol=0, atol=0)
+
+
+def test_predict_from_large_files_decodes_at_model_size(small_model, tmp_path):
+    """Files four times the model's size decode straight to it; the maps still come back at
+    the files' size and agree with predicting the fully decoded images."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:256, 0:256]
+    for i in range(3):
+        base = np.stack([ys, xs, ys + xs], 2) / (1 + i) + rng.normal(0, 8, (256, 256, 3))
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+    scores, maps = small_model.predict(tmp_path)
+    assert maps.shape == (3, 256, 256)
+    full = torch.stack([sp.data.load_image(p) for p in sorted(tmp_path.glob("*.png"))])
+    full_scores, full_maps = small_model.predict(full)
+    torch.testing.assert_close(scores, full_scores, rtol=0.05, atol=0)
+    assert np.corrcoef(maps.flatten().numpy(), full_maps.flatten().numpy())[0, 1] > 0.98

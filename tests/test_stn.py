@@ -355,7 +355,7 @@ def test_train_stn_rejects_bad_images():
     with pytest.raises(InputError, match="at least 2 images"):
         train_stn(STN(width=4), aligned_set(1, size=32), progress=False)
     with pytest.raises(InputError, match="float"):
-        train_stn(STN(width=4), torch.zeros(4, 3, 32, 32, dtype=torch.uint8), progress=False)
+        train_stn(STN(width=4), torch.zeros(4, 3, 32, 32, dtype=torch.int16), progress=False)
     with pytest.raises(TypeError, match="STN"):
         train_stn(torch.nn.Identity(), aligned_set(4, size=32), progress=False)
 

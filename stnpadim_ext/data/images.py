@@ -1,8 +1,15 @@
-"""Turning whatever the user passes as `images` into float batches [B, 3, H, W] in [0, 1].
+"""Turning whatever the user passes as `images` into batches [B, 3, H, W].
 
-Accepted (DESIGN.md, public API): a tensor [B, 3, H, W] or [3, H, W]; one path or a list
-of paths; a DataLoader or any iterable yielding tensors, or tuples/dicts whose first /
-"image" item is one.
+Accepted (DESIGN.md, public API): a tensor [B, 3, H, W] or [3, H, W], float in [0, 1] or
+uint8 in 0..255; one path or a list of paths; a DataLoader or any iterable yielding
+tensors, or tuples/dicts whose first / "image" item is one.
+
+Files go through one pipeline (`iter_image_batches`): a thread pool decodes them in
+parallel (PIL releases the GIL while it decodes and resizes), in order, a window of two
+batches ahead of the consumer; each file is reduced while it decodes when a target size
+is known; 8-bit images travel as uint8 (4x fewer bytes than float32) and become float on
+the model's device (`as_float`); for a CUDA device, batches are pinned and copied one
+ahead on a side stream.
 """
 from __future__ import annotations
 
@@ -10,8 +17,10 @@ import contextlib
 import math
 import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -28,16 +37,13 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 MAX_PIXELS = 12000 * 12000
 # Rounding slack of the [0, 1] check: resized or converted images may overshoot by an ulp.
 RANGE_SLACK = 1e-3
+# Modes with more than 8 bits per sample: read as float32, not uint8.
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None,
                max_side: int | None = None) -> torch.Tensor:
     """Reads one image as float [3, H, W] in [0, 1], whatever its mode (L, RGBA, I;16, ...).
-
-    Only the formats in IMAGE_FORMATS are decoded, images above MAX_PIXELS are refused, and
-    a large image is shrunk while it is decoded (JPEG: DCT scaling; others: box reduction
-    to no less than 4x the target side, 1x for `max_side`; then the antialiased resize), so
-    memory follows the target size, not the file's.
 
     Args:
         path: image file.
@@ -46,25 +52,57 @@ def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = Non
             is at most this.
 
     Raises:
+        InputError naming the file (see `decode_image`).
+    """
+    return as_float(decode_image(path, size, max_side)[0]).contiguous()
+
+
+def decode_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None,
+                 max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reads one image file: the one decoder behind `load_image` and the batch pipeline.
+
+    Only the formats in IMAGE_FORMATS are decoded, images above MAX_PIXELS are refused, and
+    a large image is shrunk while it is decoded (JPEG: DCT scaling; others: box reduction
+    to no less than 4x the target side, 1x for `max_side`; then the antialiased resize), so
+    memory and time follow the target size, not the file's. 8-bit images stay uint8 and
+    are resized by PIL; deeper ones are read as float32 and resized by torch.
+
+    Args:
+        path: image file.
+        size: optional (H, W) or int to resize to (bilinear, antialiased).
+        max_side: without `size`, shrink (keeping the aspect ratio) so that the longer side
+            is at most this.
+
+    Returns:
+        (image [3, H, W], (H, W) of the file): uint8 for 8-bit files, float32 in [0, 1]
+        for deeper ones (16-bit, 32-bit, float).
+
+    Raises:
         InputError naming the file: missing, empty, not an allowed format, unreadable, too
         many pixels, or NaN / Inf pixel values (float TIFFs).
     """
     path = Path(path)
     with open_image(path) as img:
+        source = (img.height, img.width)
         try:
             oversample = 4  # model input: the antialiased resize does the last 4x
             if size is None and max_side is not None and max(img.size) > max_side:
                 scale = max_side / max(img.size)
                 size = (max(1, round(img.height * scale)), max(1, round(img.width * scale)))
                 oversample = 1  # a picture to look at: box reduction is plenty
-            target = None if size is None else ((size, size) if isinstance(size, int) else tuple(size))
-            array = _to_float_rgb(_shrink_on_decode(img, target, oversample))
+            target = None if size is None else _hw(size)
+            img = _shrink_on_decode(img, target, oversample)
+            if img.mode in DEEP_MODES:
+                tensor = torch.from_numpy(_to_float_rgb(img)).permute(2, 0, 1)
+                return (tensor if target is None else resize(tensor[None], target)[0]), source
+            rgb = _to_rgb8(img)
+            if target is not None and rgb.size != target[::-1]:
+                rgb = rgb.resize(target[::-1], Image.Resampling.BILINEAR)
+            array = np.array(rgb)  # a writable copy: torch.from_numpy needs one
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{path}: not a readable image ({exc})") from None
-    tensor = torch.from_numpy(array).permute(2, 0, 1)
-    if size is not None:
-        tensor = resize(tensor[None], size)[0]
-    return tensor.contiguous()
+    # [H, W, 3] viewed as [3, H, W]: channels_last strides, the layout the backbone wants.
+    return torch.from_numpy(array).permute(2, 0, 1), source
 
 
 @contextlib.contextmanager
@@ -121,32 +159,53 @@ def _shrink_on_decode(img: Image.Image, target: tuple[int, int] | None,
 
 
 def _to_float_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale by its real range
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / scale, 0.0, 1.0)
-        return np.repeat(arr[..., None], 3, axis=2)
+    """[H, W, 3] float32 in [0, 1] from a 16-bit, 32-bit or float image."""
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         if not np.isfinite(arr).all():  # would clip to 0 / 1 or poison every score
             raise ValueError("it holds NaN or Inf pixel values")
         arr = np.clip(arr, 0.0, 1.0)
         return np.repeat(arr[..., None], 3, axis=2)
+    # 16/32-bit grey: scale by its real range.
+    arr = np.asarray(img, dtype=np.float32)
+    scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    arr = np.clip(arr / scale, 0.0, 1.0)
+    return np.repeat(arr[..., None], 3, axis=2)
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """An 8-bit image of any mode (L, P, RGBA, CMYK, ...) as RGB."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite onto black, so transparent background reads as background, not noise.
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return img.convert("RGB")
+
+
+def as_float(images: torch.Tensor, device=None) -> torch.Tensor:
+    """Images as float32 in [0, 1] on `device` (default: where they are).
+
+    uint8 images (0..255) cross to the device first (4x fewer bytes) and are divided by
+    255 there; float images are cast to float32.
+    """
+    images = images.to(device, non_blocking=True) if device is not None else images
+    if images.dtype == torch.uint8:
+        return images.float() / 255
+    return images.float()
 
 
 def resize(batch: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear, antialiased resize of [B, C, H, W] to size (int: square)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    size = _hw(size)
     if tuple(batch.shape[-2:]) == size:
         return batch
     return torch.nn.functional.interpolate(batch, size=size, mode="bilinear",
                                            align_corners=False, antialias=True)
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -161,7 +220,7 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 def check_batch(batch: torch.Tensor, what: str = "images") -> torch.Tensor:
-    """Validates one image batch, returns it as float [B, 3, H, W]."""
+    """Validates one image batch, returns it as [B, 3, H, W] (float, or uint8 for 0..255)."""
     if not isinstance(batch, torch.Tensor):
         raise InputError(f"{what} must be a tensor, a path, a list of paths or an iterable of "
                          f"tensors; got {type(batch).__name__}")
@@ -173,9 +232,9 @@ def check_batch(batch: torch.Tensor, what: str = "images") -> torch.Tensor:
         batch = batch.expand(-1, 3, -1, -1)
     if batch.shape[1] != 3:
         raise InputError(f"{what} must have 3 (or 1) channels; got shape {list(batch.shape)}")
-    if not batch.is_floating_point():
-        raise InputError(f"{what} must be a float tensor in [0, 1]; got dtype {batch.dtype} "
-                         "(divide uint8 images by 255)")
+    if not (batch.is_floating_point() or batch.dtype == torch.uint8):
+        raise InputError(f"{what} must be a float tensor in [0, 1] or a uint8 tensor in 0..255; "
+                         f"got dtype {batch.dtype}")
     if batch.numel() == 0:
         raise InputError(f"{what} is empty: shape {list(batch.shape)}")
     if batch.is_floating_point():
@@ -219,9 +278,23 @@ def _is_path(x) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
+class Batch(NamedTuple):
+    """One batch from `iter_image_batches`.
+
+    Attributes:
+        images: [b, 3, H, W], uint8 (0..255) or float in [0, 1].
+        source_size: (H, W) of the images as given (before any resize), or None when the
+            batch's files differ in size.
+    """
+
+    images: torch.Tensor
+    source_size: tuple[int, int] | None
+
+
 def iter_batches(images, batch_size: int = 32, size: int | tuple[int, int] | None = None,
-                 allow_empty: bool = False) -> Iterator[torch.Tensor]:
-    """Yields float batches [b, 3, H, W] from any accepted `images` input.
+                 allow_empty: bool = False, device=None) -> Iterator[torch.Tensor]:
+    """Yields batches [b, 3, H, W] (uint8 or float in [0, 1]: see `as_float`) from any
+    accepted `images` input; `iter_image_batches` without the source sizes.
 
     Args:
         images: tensor, path, list of paths, folder, DataLoader or iterable (see module doc).
@@ -230,31 +303,122 @@ def iter_batches(images, batch_size: int = 32, size: int | tuple[int, int] | Non
         size: when given, every batch is resized to it (needed for paths of mixed sizes).
         allow_empty: an iterable or list that yields nothing is not an error (a process's
             share of a distributed fit may be empty).
+        device: deliver the batches on this device (default: the CPU, as decoded).
+    """
+    for batch in iter_image_batches(images, batch_size, size, allow_empty, device=device):
+        yield batch.images
+
+
+def iter_image_batches(images, batch_size: int = 32, size: int | tuple[int, int] | None = None,
+                       allow_empty: bool = False, *, file_size: int | tuple[int, int] | None = None,
+                       device=None) -> Iterator[Batch]:
+    """Yields `Batch`es from any accepted `images` input; the one input path.
+
+    Args:
+        images, batch_size, size, allow_empty, device: as for `iter_batches`.
+        file_size: files only, when `size` is None: each file is decoded straight to this
+            size (for a model that resizes to it anyway), while `source_size` keeps the
+            file's own size; files of one batch must then share their size.
     """
     if isinstance(images, torch.Tensor):
         images = check_batch(images)
-        for start in range(0, images.shape[0], batch_size):
-            chunk = images[start:start + batch_size]
-            yield resize(chunk, size) if size is not None else chunk
-        return
-    if _is_path(images):
-        images = list_images(images) if Path(images).is_dir() else [Path(images)]
-    if isinstance(images, (list, tuple)) and images and all(_is_path(p) for p in images):
-        for start in range(0, len(images), batch_size):
-            chunk = [load_image(p, size) for p in images[start:start + batch_size]]
-            shapes = {tuple(t.shape) for t in chunk}
-            if len(shapes) > 1:
-                raise InputError(f"images have different sizes {sorted(shapes)}; resize them to one "
-                                 f"size or pass each size in its own call")
-            yield torch.stack(chunk)
-        return
-    if not isinstance(images, Iterable):
+        batches = (Batch(images[i:i + batch_size] if size is None else
+                         resize(images[i:i + batch_size], size), tuple(images.shape[-2:]))
+                   for i in range(0, images.shape[0], batch_size))
+    elif _is_path(images) or (isinstance(images, (list, tuple)) and images
+                              and all(_is_path(p) for p in images)):
+        if _is_path(images):
+            images = list_images(images) if Path(images).is_dir() else [Path(images)]
+        pin = device is not None and torch.device(device).type == "cuda"
+        batches = _decode_files(list(images), batch_size, size, file_size, pin)
+    elif isinstance(images, Iterable):
+        batches = _iterable_batches(images, size, allow_empty)
+    else:
         raise InputError(f"images must be a tensor, a path, a list of paths or an iterable of "
                          f"tensors; got {type(images).__name__}")
+    yield from _to_device(batches, device)
+
+
+def _iterable_batches(images: Iterable, size, allow_empty: bool) -> Iterator[Batch]:
     empty = True
     for item in images:
         batch = check_batch(_unwrap(item))
         empty = False
-        yield resize(batch, size) if size is not None else batch
+        yield Batch(batch if size is None else resize(batch, size), tuple(batch.shape[-2:]))
     if empty and not allow_empty:
         raise InputError("images is empty: nothing to process")
+
+
+def decode_workers() -> int:
+    """Decode threads: one per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _decode_files(paths: list, batch_size: int, size, file_size, pin: bool) -> Iterator[Batch]:
+    """Decodes `paths` on a thread pool, in order, a window of two batches ahead: while the
+    consumer works on one batch, the next one decodes. Same images, same order as decoding
+    them one by one (`decode_image` is the only decoder); the first bad file raises."""
+    target = size if size is not None else file_size
+    pool = ThreadPoolExecutor(min(decode_workers(), len(paths)), thread_name_prefix="stnpadim-decode")
+    pending, queue = deque(), iter(paths)
+
+    def fill():
+        while len(pending) < 2 * batch_size and (path := next(queue, None)) is not None:
+            pending.append(pool.submit(decode_image, path, target))
+
+    try:
+        for start in range(0, len(paths), batch_size):
+            fill()
+            chunk = [pending.popleft().result() for _ in range(min(batch_size, len(paths) - start))]
+            fill()
+            yield _assemble(chunk, pin, resized=size is not None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _assemble(chunk: list[tuple[torch.Tensor, tuple[int, int]]], pin: bool,
+              resized: bool) -> Batch:
+    """Stacks decoded images into one batch (pinned for a CUDA copy): uint8 in channels_last
+    layout when all are 8-bit, else float32. Unless all were resized to one `size`, the
+    files must share their size (their maps come back in it)."""
+    sources = {source for _, source in chunk}
+    if len(sources) > 1 and not resized:
+        raise InputError(f"images have different sizes {sorted(sources)}; resize them to one "
+                         f"size or pass each size in its own call")
+    images = [image for image, _ in chunk]
+    if all(image.dtype == torch.uint8 for image in images):
+        hwc = [image.permute(1, 2, 0) for image in images]
+        out = torch.empty(len(hwc), *hwc[0].shape, dtype=torch.uint8, pin_memory=pin)
+        batch = torch.stack(hwc, out=out).permute(0, 3, 1, 2)
+    else:
+        out = torch.empty(len(images), *images[0].shape, pin_memory=pin)
+        batch = torch.stack([as_float(image) for image in images], out=out)
+    return Batch(batch, sources.pop() if len(sources) == 1 else None)
+
+
+def _to_device(batches: Iterator[Batch], device) -> Iterator[Batch]:
+    """Moves batches to `device`. On CUDA each (pinned) batch is copied on a side stream
+    while the consumer still works on the previous one; the consumer's stream waits for
+    that copy only (an event), not for the next."""
+    if device is None or torch.device(device).type != "cuda":
+        for batch in batches:
+            yield batch if device is None else batch._replace(images=batch.images.to(device))
+        return
+    stream = torch.cuda.Stream(device)
+    ahead = None
+    for batch in batches:
+        with torch.cuda.stream(stream):
+            copied = batch._replace(images=batch.images.to(device, non_blocking=True))
+            done = stream.record_event()
+        if ahead is not None:
+            yield _ready(*ahead)
+        ahead = copied, done
+    if ahead is not None:
+        yield _ready(*ahead)
+
+
+def _ready(batch: Batch, done: torch.cuda.Event) -> Batch:
+    current = torch.cuda.current_stream(batch.images.device)
+    current.wait_event(done)
+    batch.images.record_stream(current)  # memory made on the side stream, used on this one
+    return batch

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...data.images import describe, iter_batches, resize
+from ...data.images import as_float, describe, iter_batches, iter_image_batches, resize
 from ...devices import resolve_device
 from ...errors import InputError
 from ...ops.mahalanobis import mahalanobis
@@ -129,12 +129,13 @@ class PaDiM:
     # ------------------------------------------------------------------ pre-processing
 
     def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images [B, 3, H, W] -> (backbone input [B, 3, *input_size], theta back or None).
+        """Images [B, 3, H, W] (float in [0, 1] or uint8) -> (backbone input [B, 3,
+        *input_size], theta back or None).
 
         theta back maps input-frame normalised coordinates to the backbone input's (the
         inverse of STN alignment followed by the crop), for `to_input_frame`.
         """
-        x = resize(x.to(self.device, torch.float32, non_blocking=True), self.image_size)
+        x = resize(as_float(x, self.device), self.image_size)
         theta = None
         if self.stn is not None:
             x, forward_theta = self.stn(x)
@@ -165,8 +166,9 @@ class PaDiM:
         every process ends with the same model.
 
         Args:
-            images: tensor [B, 3, H, W] in [0, 1], paths, a folder, or a DataLoader /
-                iterable of such tensors (or tuples/dicts whose first/"image" item is one).
+            images: tensor [B, 3, H, W] (float in [0, 1] or uint8), paths, a folder, or a
+                DataLoader / iterable of such tensors (or tuples/dicts whose first/"image"
+                item is one).
 
         Returns:
             self.
@@ -191,7 +193,8 @@ class PaDiM:
         # A method of its own so that the last batch is freed before finalize (peak memory).
         # Images are resized as they load: a training folder may mix sizes.
         with self._bar(images, "PaDiM fit") as bar:
-            for batch in iter_batches(images, self.batch_size, self.image_size, allow_empty):
+            for batch in iter_batches(images, self.batch_size, self.image_size, allow_empty,
+                                      device=self.device):
                 for part in self._prepare(batch)[0].split(FIT_CHUNK.get(self.device.type, 4)):
                     try:
                         stats.update(self.embedding(part))
@@ -213,13 +216,16 @@ class PaDiM:
         """
         scores, maps = [], []
         with self._bar(images, "PaDiM predict") as bar:
-            for batch in iter_batches(images, self.batch_size):
-                batch_scores, batch_maps = self.predict_batch(batch)
+            # Files decode straight to image_size (the model resizes to it anyway); their
+            # maps still come back at the files' own size.
+            for batch in iter_image_batches(images, self.batch_size, file_size=self.image_size,
+                                            device=self.device):
+                batch_scores, batch_maps = self.predict_batch(batch.images, batch.source_size)
                 # From a GPU: into pinned memory without waiting, so the next batch's work
                 # overlaps the copy; synchronised once below.
                 scores.append(batch_scores.to("cpu", non_blocking=True))
                 maps.append(batch_maps.to("cpu", non_blocking=True))
-                bar.update(batch.shape[0])
+                bar.update(batch.images.shape[0])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if len({tuple(m.shape[-2:]) for m in maps}) > 1:
@@ -228,8 +234,14 @@ class PaDiM:
         return torch.cat(scores), torch.cat(maps)
 
     @torch.no_grad()
-    def predict_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch x [B, 3, H, W] in [0, 1] -> (scores [B], maps [B, H, W]) on the model's device."""
+    def predict_batch(self, x: torch.Tensor, output_size: tuple[int, int] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch -> (scores [B], maps [B, *output_size]) on the model's device.
+
+        Args:
+            x: images [B, 3, H, W], float in [0, 1] or uint8 (0..255).
+            output_size: (H, W) of the maps; default x's (H, W).
+        """
         if self.gaussian is None:
             raise InputError("the model is not fitted: call fit(images) first (or load a saved model)")
         inputs, theta = self._prepare(x)
@@ -238,7 +250,7 @@ class PaDiM:
             raise InputError(f"embedding grid {tuple(emb.shape[-2:])} differs from the fitted {self.grid}")
         distance = mahalanobis(emb, self.gaussian)
         maps = distance_to_map(distance, self.grid, tuple(inputs.shape[-2:]), self.sigma)
-        maps = to_input_frame(maps, tuple(x.shape[-2:]), theta)
+        maps = to_input_frame(maps, tuple(output_size or x.shape[-2:]), theta)
         return maps.flatten(1).amax(1), maps
 
     # ------------------------------------------------------------------ save / load

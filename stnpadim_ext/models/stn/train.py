@@ -29,7 +29,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ...data.images import iter_batches
+from ...data.images import as_float, iter_batches
 from ...errors import InputError
 from ...ops.affine_sample import affine_sample
 from .losses import photometric_loss, pose_loss
@@ -92,7 +92,7 @@ def train_stn(stn: STN, images, objective: str = "reconstruct", epochs: int | No
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
         raise ValueError(f"image_size must be None or an integer >= 16; got {image_size!r}")
     ranges = _ranges(objective, rotation, translation, scale)
-    data = torch.cat([b.float() for b in iter_batches(images, 64, size=image_size)])
+    data = torch.cat([as_float(b) for b in iter_batches(images, 64, size=image_size)])
     if data.shape[0] < 2:
         raise InputError("train_stn needs at least 2 images (1 for validation); "
                          f"got {data.shape[0]}")
@@ -266,7 +266,7 @@ def measure_alignment(stn: STN, images, objective: str = "reconstruct", rotation
     n_views = 1 if objective == "reconstruct" else 2
     rot, shift, size = [], [], None
     for x in iter_batches(images, batch_size):
-        x = x.float().to(device)
+        x = as_float(x, device)
         size = list(x.shape[-2:])
         aspect = x.shape[-1] / x.shape[-2]
         views = [random_similarity(x.shape[0], rotation, translation, scale, gen, aspect, device)
