@@ -68,3 +68,6 @@ def pytest_terminal_summary(terminalreporter, config):
             f"{device}: measured ceilings {r['matmul_gflops']:.0f} GFLOP/s fp32 matmul, "
             f"{r['copy_gbps']:.0f} GB/s copy; {torch.get_num_threads()} threads")
         terminalreporter.write_line(format_table(cases, r["matmul_gflops"], r["copy_gbps"]))
+    for record in records:  # cases that summarise themselves (bench_padim's from-files bound)
+        if "summary" in record["extra_info"]:
+            terminalreporter.write_line(f"{record['extra_info']['case']}: {record['extra_info']['summary']}")
