@@ -70,7 +70,9 @@ class PaDiM:
             the crop are 0.
         batch_size: images per forward pass for tensors and path lists.
         backbone_dtype: "float32" (default), "float16" or "bfloat16": backbone compute
-            precision, for GPU inference; statistics and distances stay float32/float64.
+            precision; statistics and distances stay float32/float64. bfloat16 suits GPUs
+            and CPUs with AVX512-BF16/AMX; it is not the CPU default because it moved one
+            synthetic category's image AUROC by 0.0098 (README, Performance).
         seed: seed of the random channel subset.
         eps: covariance regulariser (cov + eps * I), 0.01 as in the paper.
         sigma: Gaussian blur of the anomaly map in model-input pixels, 4 as in the paper
