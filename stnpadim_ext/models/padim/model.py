@@ -8,7 +8,9 @@ canonical pose and its anomaly map brought back to the input frame.
 
 Example:
     >>> model = PaDiM(backbone="efficientnet_lite0").fit("data/bottle/train/good")
+    >>> model.calibrate("data/bottle/calibration/good", false_reject_rate=0.01)
     >>> scores, maps = model.predict(test_images)      # [B], [B, H, W]
+    >>> model.decide(test_images).anomalous            # [B] bool, at the calibrated threshold
     >>> model.save("bottle.padim")
     >>> scores, maps = load("bottle.padim").predict(test_images)
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from ..backbones import BACKBONES, build_backbone
 from ..stn import STN, invert_theta
 from . import validate
 from .anomaly_map import distance_to_map, to_input_frame
+from .calibration import Calibration, Decisions, conformal_calibration, decide
 from .serialization import read_model_file, write_model_file
 from .torch_model import PadimEmbedding
 
@@ -108,10 +112,16 @@ class PaDiM:
         self.stn = None if stn is None else stn.to(self.device).eval()
         self.gaussian: PatchGaussian | None = None
         self.grid: tuple[int, int] | None = None
+        self.calibration: Calibration | None = None
 
     @property
     def n_features(self) -> int:
         return self.embedding.n_features
+
+    @property
+    def threshold(self) -> float | None:
+        """Calibrated anomaly threshold for image scores and map pixels; None if uncalibrated."""
+        return None if self.calibration is None else self.calibration.threshold
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -126,7 +136,8 @@ class PaDiM:
                 "center_crop": list(self.center_crop) if self.center_crop else None,
                 "seed": self.seed, "eps": self.eps, "sigma": self.sigma,
                 "grid": list(self.grid) if self.grid else None,
-                "stn": None if self.stn is None else _stn_config(self.stn)}
+                "stn": None if self.stn is None else _stn_config(self.stn),
+                "calibration": None if self.calibration is None else self.calibration.to_config()}
 
     # ------------------------------------------------------------------ pre-processing
 
@@ -188,6 +199,29 @@ class PaDiM:
             self.gaussian, self.grid = stats.finalize(self.eps), grid
         except InputError as exc:  # NaN features (found here on a GPU), singular covariance
             raise InputError(f"{describe(images)}: {exc}") from None
+        self.calibration = None  # a threshold belongs to the Gaussians it was computed with
+        return self
+
+    def calibrate(self, good_images, false_reject_rate: float = 0.01) -> "PaDiM":
+        """Sets the threshold from good images the model was not fitted on (conformal).
+
+        The threshold is the ceil((n + 1)(1 - false_reject_rate))-th smallest score of the n
+        images: a new good image exchangeable with them is rejected with probability at
+        most false_reject_rate (see calibration.py). When n is too small for the rate, the
+        largest score is used and a warning says which rate n supports. STN included: the
+        images are scored by the whole model.
+
+        Args:
+            good_images: as for `fit`, defect-free and not used by `fit` (nor to train the STN).
+            false_reject_rate: target rate of good images called anomalous, in (0, 1).
+
+        Returns:
+            self.
+        """
+        scores, _ = self.predict(good_images)
+        self.calibration = conformal_calibration(scores, false_reject_rate)
+        if self.calibration.note:
+            warnings.warn(self.calibration.note, stacklevel=2)
         return self
 
     @torch.no_grad()
@@ -234,6 +268,26 @@ class PaDiM:
             raise InputError("images of one predict call must share one size; got "
                              f"{sorted({tuple(m.shape[-2:]) for m in maps})}")
         return torch.cat(scores), torch.cat(maps)
+
+    def decide(self, images) -> Decisions:
+        """Scores, maps and decisions at the calibrated threshold.
+
+        Args:
+            images: as for `predict`.
+
+        Returns:
+            Decisions: scores [N], maps [N, H, W], normalized_scores [N] (score / threshold),
+            anomalous [N] bool and masks [N, H, W] bool (map > threshold), in the input frame;
+            the last three are None while the model is uncalibrated. Unpacks as (scores, maps).
+        """
+        scores, maps = self.predict(images)
+        return decide(scores, maps, self.threshold)
+
+    @torch.no_grad()
+    def align(self, images: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees: images [B, 3, H, W] resized, STN-aligned and cropped,
+        [B, 3, *input_size] on the CPU."""
+        return self._prepare(images)[0].cpu()
 
     @torch.no_grad()
     def predict_batch(self, x: torch.Tensor, output_size: tuple[int, int] | None = None
@@ -310,6 +364,9 @@ def load(path: str | os.PathLike, device=None, **options) -> PaDiM:
             model.stn.load_state_dict(groups["stn."])
         model.gaussian = PatchGaussian.from_state_dict(groups["gaussian."]).to(model.device)
         model.grid = grid
+        # Files written before calibration existed have no entry: they load uncalibrated.
+        if config.get("calibration") is not None:
+            model.calibration = Calibration.from_config(config["calibration"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # InputError is a ValueError
         first_line = (str(exc).splitlines() or [""])[0][:200]
         kind = "" if isinstance(exc, InputError) else f"{type(exc).__name__}: "

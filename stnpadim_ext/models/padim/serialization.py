@@ -2,6 +2,10 @@
 
     {"format": "stnpadim.padim", "version": 1, "config": "<json>", "tensors": {name: Tensor}}
 
+The config holds the model's settings and its calibration (threshold, target rate, n,
+held-out score quantiles; see calibration.py) under "calibration": an optional entry, so
+version-1 files written before calibration existed still load, as uncalibrated models.
+
 Only str / int / tensors inside, so `torch.load(weights_only=True)` reads it without running
 any pickled code. Written through report.atomic_file (a temporary file in the target folder,
 renamed over the target): an interrupted save leaves the old file (or none), never a broken

@@ -19,6 +19,8 @@ from ..stn.network import PADDING_MODES, TRANSFORMS
 
 CONFIG_KEYS = ("backbone", "n_features", "image_size", "center_crop", "seed", "eps", "sigma",
                "grid", "stn")
+# Absent from files written before calibration existed (checked by Calibration.from_config).
+OPTIONAL_CONFIG_KEYS = ("calibration",)
 # Bounds of the STN settings a model file may hold (defaults: 64, 16, 4 / 0.5, 0.5, 2.0).
 STN_INTEGERS = {"loc_size": (16, 512), "width": (4, 256), "pool_size": (1, 16)}
 STN_NUMBERS = {"max_translation": (0.0, 2.0), "max_log_scale": (0.0, 3.0), "highpass": (0.0, 16.0)}
@@ -27,7 +29,7 @@ STN_NUMBERS = {"max_translation": (0.0, 2.0), "max_log_scale": (0.0, 3.0), "high
 def check_config(config: dict) -> None:
     """Keys of a model config and the STN part of it (PaDiM.__init__ checks the rest)."""
     missing = [k for k in CONFIG_KEYS if k not in config]
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(OPTIONAL_CONFIG_KEYS))
     if missing or unknown:
         raise InputError(f"config keys missing: {missing}, unknown: {unknown}")
     grid = config["grid"]
