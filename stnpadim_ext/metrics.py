@@ -1,4 +1,5 @@
-"""Anomaly detection metrics: image/pixel AUROC, AUPRO (MVTec AD), image F1.
+"""Anomaly detection metrics: image/pixel AUROC, AUPRO (MVTec AD), image F1, decisions at
+a threshold, and the ROC / PRO curves behind them.
 
 All functions take numpy arrays, torch tensors or nested lists. Labels and masks must be
 binary (bool or 0/1); scores and maps any real numbers (higher = more anomalous).
@@ -16,6 +17,10 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
+
+# What `threshold_metrics` returns, in order (the `eval --json` fields beside the AUROCs).
+THRESHOLD_METRICS = ("threshold", "false_reject_rate", "miss_rate", "precision", "recall",
+                     "f1_at_threshold")
 
 
 def image_auroc(labels, scores) -> float:
@@ -75,6 +80,52 @@ def image_f1(labels, scores) -> float:
     positives = tp[-1]
     f1 = 2.0 * tp / (tp + fp + positives)  # = 2PR / (P + R)
     return float(f1.max())
+
+
+def threshold_metrics(labels, scores, threshold: float) -> dict:
+    """Decision quality of "anomalous if score > threshold".
+
+    Args:
+        labels: [N] binary, 1 = anomalous (either class may be absent).
+        scores: [N] image anomaly scores.
+        threshold: the decision threshold.
+
+    Returns:
+        {"threshold", "false_reject_rate" (good images called anomalous / good images),
+        "miss_rate" (defective images passed / defective images), "precision", "recall",
+        "f1_at_threshold"}; a value is None where its denominator is 0.
+    """
+    labels, scores = _as_array(labels, "labels").astype(bool).ravel(), _as_array(scores, "scores").ravel()
+    if labels.shape != scores.shape or labels.size == 0:
+        raise InputError(f"labels and scores must be non-empty and of one shape; got "
+                         f"{list(labels.shape)} and {list(scores.shape)}")
+    flagged = scores > threshold
+    tp, fp = int((flagged & labels).sum()), int((flagged & ~labels).sum())
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+
+    def ratio(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    recall = ratio(tp, positives)
+    return {"threshold": float(threshold), "false_reject_rate": ratio(fp, negatives),
+            "miss_rate": None if recall is None else 1.0 - recall,
+            "precision": ratio(tp, tp + fp), "recall": recall,
+            "f1_at_threshold": ratio(2 * tp, tp + fp + positives)}
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of "anomalous if score >= t" at every distinct t, from (0, 0) to (1, 1)."""
+    labels, scores = _pair(labels, scores, "labels", "scores")
+    tp, fp = _counts_by_threshold(labels.ravel(), scores.ravel())
+    return np.r_[0.0, fp / fp[-1]], np.r_[0.0, tp / tp[-1]]
+
+
+def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) at every distinct threshold (see `aupro`), from (0, 0) to (1, 1)."""
+    masks, maps = _pair(masks, maps, "masks", "maps")
+    if masks.ndim == 2:
+        masks, maps = masks[None], maps[None]
+    return _pro_curve(masks, maps)
 
 
 # ----------------------------------------------------------------------------------------

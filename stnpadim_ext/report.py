@@ -18,20 +18,25 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import matplotlib
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+from scipy import ndimage
 
 from .errors import InputError
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
 # The columns of the printed table, as in the paper's Table 1 (plus AUPRO).
 TABLE_METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
+# The second table of `eval`: decisions at each model's calibrated threshold.
+DECISION_METRICS = {"false_reject_rate": "false-reject rate", "miss_rate": "miss rate",
+                    "precision": "precision", "recall": "recall", "f1_at_threshold": "F1"}
 
-# Anchor colours of the "jet" colormap at 0, 1/8, 3/8, 5/8, 7/8, 1: blue (normal) to red.
-_JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
-_JET_RGB = np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0],
-                     [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.0, 0.0]])
+COLORMAP = "jet"  # dark blue (normal) ... dark red (anomalous)
+# Heatmap colour range of a calibrated model, in units of its threshold: the same colour
+# means the same normalized score in every run; 1.0 (the boundary) is the middle, green.
+NORMALIZED_RANGE = (0.0, 2.0)
 
 
 def _umask() -> int:
@@ -163,18 +168,13 @@ def write_scores_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    """Writes a uint8 [H, W, 3] array as a PNG (tagged Software: stnpadim), atomically."""
+    """Writes a uint8 [H, W, 3] (RGB) or [H, W] (grey) array as a PNG (tagged Software:
+    stnpadim), atomically."""
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", PNG_SOFTWARE)
     with atomic_file(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=info)
     return Path(path)
-
-
-def write_heatmap(path: str | os.PathLike, image, amap, vmin: float, vmax: float,
-                  alpha: float = 0.5) -> Path:
-    """Writes the overlay of `amap` on `image` as a PNG, atomically (arguments: `overlay`)."""
-    return write_image(path, overlay(image, amap, vmin, vmax, alpha))
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,8 +194,21 @@ def colorize(amap, vmin: float, vmax: float) -> np.ndarray:
     amap = _numpy(amap).astype(np.float64)
     span = max(float(vmax) - float(vmin), 1e-12)
     t = np.clip((amap - vmin) / span, 0.0, 1.0)
-    rgb = np.stack([np.interp(t, _JET_X, _JET_RGB[:, c]) for c in range(3)], axis=-1)
-    return np.rint(rgb * 255).astype(np.uint8)
+    return matplotlib.colormaps[COLORMAP](t, bytes=True)[..., :3]
+
+
+def heat_range(threshold: float) -> tuple[float, float]:
+    """(vmin, vmax) of the heatmap colours of a model calibrated at `threshold` (NORMALIZED_RANGE)."""
+    return NORMALIZED_RANGE[0] * threshold, NORMALIZED_RANGE[1] * threshold
+
+
+def outline(rgb: np.ndarray, mask, colour=(255, 255, 255)) -> np.ndarray:
+    """uint8 [H, W, 3] image with the boundary pixels of mask [H, W] (bool) set to `colour`."""
+    mask = _numpy(mask).astype(bool)
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    out = rgb.copy()
+    out[edge] = colour
+    return out
 
 
 def overlay(image, amap, vmin: float, vmax: float, alpha: float = 0.5) -> np.ndarray:
@@ -208,12 +221,17 @@ def overlay(image, amap, vmin: float, vmax: float, alpha: float = 0.5) -> np.nda
         alpha: weight of the colour map, in [0, 1].
     """
     rgb = to_rgb8(image)
-    amap = torch.as_tensor(_numpy(amap), dtype=torch.float32)
-    if tuple(amap.shape) != rgb.shape[:2]:
-        amap = torch.nn.functional.interpolate(amap[None, None], size=rgb.shape[:2],
-                                               mode="bilinear", align_corners=False)[0, 0]
-    heat = colorize(amap.numpy(), vmin, vmax).astype(np.float32)
+    heat = colorize(resize_map(amap, rgb.shape[:2]).numpy(), vmin, vmax).astype(np.float32)
     return _blend(rgb, heat, alpha)
+
+
+def resize_map(amap, size: tuple[int, int]) -> torch.Tensor:
+    """Anomaly map [h, w] (tensor or array) -> float32 tensor [*size], bilinear."""
+    amap = torch.as_tensor(_numpy(amap), dtype=torch.float32)
+    if tuple(amap.shape) == tuple(size):
+        return amap
+    return torch.nn.functional.interpolate(amap[None, None], size=tuple(size), mode="bilinear",
+                                           align_corners=False)[0, 0]
 
 
 def mask_overlay(image, mask, colour=(255, 0, 0), alpha: float = 0.5) -> np.ndarray:
@@ -254,7 +272,7 @@ def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_M
     Args:
         arms: {label: results} in column order, e.g. {"PaDiM": ..., "STN+PaDiM": ...};
             each results dict as written by `summarize`.
-        metrics: metric keys to show (TABLE_METRICS gives their headers).
+        metrics: metric keys to show (TABLE_METRICS and DECISION_METRICS give headers).
         groups: optional {name: categories} adding a mean row per group (e.g. textures,
             objects) before the overall mean row.
         digits: decimals shown.
@@ -265,7 +283,8 @@ def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_M
     metrics = list(metrics)
     labels = list(arms)
     categories = list(dict.fromkeys(c for r in arms.values() for c in r["categories"]))
-    header = ["category"] + [f"{TABLE_METRICS.get(m, m)} {label}" for m in metrics for label in labels]
+    names = {**TABLE_METRICS, **DECISION_METRICS}
+    header = ["category"] + [f"{names.get(m, m)} {label}" for m in metrics for label in labels]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
 
     def row(name: str, values_of) -> str:

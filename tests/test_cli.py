@@ -29,8 +29,10 @@ from stnpadim_ext.models.stn import train_stn
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 FIT = ["--stn", "none", "--image-size", str(SIZE)]
+THRESHOLD_KEYS = {"threshold", "false_reject_rate", "miss_rate", "precision", "recall",
+                  "f1_at_threshold"}
 METRIC_KEYS = {"image_auroc", "pixel_auroc", "aupro", "image_f1", "fit_seconds",
-               "images_per_second"}
+               "images_per_second"} | THRESHOLD_KEYS
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def assert_user_error(capsys, argv: list[str], names: str | Path) -> str:
     """Runs the CLI, checks exit 2 and a single `stnpadim: error:` line naming `names`."""
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip()]
+    # Warnings of a run that failed later (e.g. too few calibration images) may come first.
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("stnpadim: warning:")]
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     assert lines[0].startswith("stnpadim: error: "), err
@@ -115,6 +118,25 @@ def test_fit_writes_loadable_model(model_file):
     model = load(model_file)
     assert model.stn is None and model.backbone_name == "efficientnet_lite0"
     assert model.image_size == (SIZE, SIZE)
+    # 8 training images: 2 held out (a quarter, below 20) set the threshold.
+    assert model.calibration.n == 2 and model.calibration.alpha == 0.01
+    assert model.threshold > 0
+
+
+def test_fit_calibration_folder_and_rate(data, tmp_path, capsys):
+    path = tmp_path / "m.padim"
+    good = data / "fabric" / "test" / "good"
+    assert main(["fit", "--data", str(data), "--category", "fabric", *FIT, "--out", str(path),
+                 "--calibration", str(good), "--false-reject-rate", "0.2"]) == 0
+    out, err = capsys.readouterr()
+    assert "fitted PaDiM (efficientnet_lite0) on 8 images" in out and "from 3 good images" in out
+    # 3 images support 1/4 at best: one warning line says so.
+    warnings = [line for line in err.splitlines() if line.startswith("stnpadim: warning:")]
+    assert len(warnings) == 1 and "0.25" in warnings[0] and "Traceback" not in err
+    model = load(path)
+    scores, _ = model.predict(sorted(good.glob("*.png")))
+    assert model.threshold == pytest.approx(float(scores.max()), rel=1e-5)
+    assert model.calibration.alpha == 0.2 and model.calibration.guaranteed_rate == pytest.approx(0.25)
 
 
 def test_score_writes_heatmaps_and_csv(data, model_file, tmp_path, capsys):
@@ -127,7 +149,12 @@ def test_score_writes_heatmaps_and_csv(data, model_file, tmp_path, capsys):
     expected = sorted((test / "hole").glob("*.png")) + sorted((test / "scratch").glob("*.png")) + [single]
     with open(out / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "score", "normalized_score", "anomalous", "heatmap"]
     assert [Path(r["image"]) for r in rows] == expected
+    threshold = load(model_file).threshold
+    for row in rows:
+        assert float(row["normalized_score"]) == pytest.approx(float(row["score"]) / threshold, rel=1e-4)
+        assert row["anomalous"] == str(float(row["score"]) > threshold).lower()
     heatmaps = sorted(out.glob("*_heatmap.png"))
     assert sorted(r["heatmap"] for r in rows) == [p.name for p in heatmaps]
     assert len(heatmaps) == len(expected)
@@ -138,6 +165,65 @@ def test_score_writes_heatmaps_and_csv(data, model_file, tmp_path, capsys):
     scores, _ = load(model_file).predict(expected)
     np.testing.assert_allclose([float(r["score"]) for r in rows], scores.numpy(), rtol=1e-4)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_score_colours_do_not_depend_on_the_other_images(data, model_file, tmp_path):
+    """Colours are fixed relative to the threshold: an image's heatmap is the same whether it
+    is scored alone or beside hotter images."""
+    test = data / "fabric" / "test"
+    single = test / "good" / "001.png"
+    assert main(["score", "--model", str(model_file), str(single), "--out", str(tmp_path / "a")]) == 0
+    assert main(["score", "--model", str(model_file), str(single), str(test / "hole"),
+                 "--out", str(tmp_path / "b")]) == 0
+    heatmaps = []
+    for d in "ab":
+        with open(tmp_path / d / "scores.csv", newline="") as f:
+            heatmaps.append(tmp_path / d / next(csv.DictReader(f))["heatmap"])
+    alone, beside = (np.asarray(Image.open(path)).astype(int) for path in heatmaps)
+    # Equal up to float noise of a different batch (a colour step or an outline pixel);
+    # colours scaled to each run's range would differ everywhere.
+    assert (np.abs(alone - beside) > 1).any(-1).mean() < 0.005, np.abs(alone - beside).max()
+
+
+def test_score_masks_mark_the_map_above_the_threshold(data, model_file, tmp_path, capsys):
+    folder = data / "fabric" / "test" / "hole"
+    out = tmp_path / "out"
+    assert main(["score", "--model", str(model_file), str(folder), "--out", str(out), "--masks"]) == 0
+    assert "masks" in capsys.readouterr().out
+    model = load(model_file)
+    paths = sorted(folder.glob("*.png"))
+    result = model.decide(paths)
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for path, row, mask, anomalous in zip(paths, rows, result.masks, result.anomalous, strict=True):
+        assert row["image"] == str(path)
+        written = np.asarray(Image.open(out / row["heatmap"].replace("_heatmap", "_mask"))) > 0
+        assert written.shape == tuple(mask.shape)  # the images are model-sized here
+        # Same pixels up to float noise at the boundary (the CLI maps are half precision).
+        assert (written != mask.numpy()).mean() < 0.01
+        assert written.any() == bool(anomalous) == (row["anomalous"] == "true")
+
+
+def test_score_report(data, model_file, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["score", "--model", str(model_file), str(data / "fabric" / "test" / "good"),
+                 str(data / "fabric" / "test" / "hole"), "--out", str(tmp_path / "out"),
+                 "--report", str(report)]) == 0
+    html = (report / "index.html").read_text()
+    assert "normalized" in html and "threshold" in html
+    assert_images_resolve(report)
+
+
+def assert_images_resolve(report: Path) -> list[str]:
+    """Every <img src> of report/index.html is a relative path to a non-empty file."""
+    import re
+
+    sources = re.findall(r'<img[^>]* src="([^"]+)"', (report / "index.html").read_text())
+    assert sources
+    for src in sources:
+        assert not src.startswith(("/", "http:", "https:", "file:")), src
+        assert (report / src).is_file() and (report / src).stat().st_size > 0, src
+    return sources
 
 
 def test_eval_json_format_and_table(data, tmp_path, capsys):
@@ -157,10 +243,16 @@ def test_eval_json_format_and_table(data, tmp_path, capsys):
     for key in METRIC_KEYS:
         values = [m[key] for m in results["categories"].values()]
         assert results["mean"][key] == pytest.approx(np.mean(values))
+    for metrics in results["categories"].values():
+        assert metrics["threshold"] > 0
+        for key in THRESHOLD_KEYS - {"threshold"}:
+            assert 0.0 <= metrics[key] <= 1.0
+        assert metrics["miss_rate"] == pytest.approx(1 - metrics["recall"])
     table = table_path.read_text()
     assert table in printed
     assert "| fabric |" in table and "| part_drift |" in table and "**mean**" in table
     assert "image AUROC PaDiM" in table and "STN+PaDiM" not in table
+    assert "false-reject rate PaDiM" in table and "miss rate PaDiM" in table
 
 
 def test_eval_with_stn_compares_padim_and_stn_padim(data, tmp_path, capsys, quick_stn):
@@ -176,6 +268,19 @@ def test_eval_with_stn_compares_padim_and_stn_padim(data, tmp_path, capsys, quic
     assert set(results) == {"categories", "mean", "baseline"}
     assert set(results["categories"]["part_drift"]) == METRIC_KEYS
     assert set(results["baseline"]["categories"]["part_drift"]) == METRIC_KEYS
+    assert "false-reject rate STN+PaDiM" in table
+
+
+def test_eval_report_with_stn(data, tmp_path, capsys, quick_stn):
+    report = tmp_path / "report"
+    assert main(["eval", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
+                 "--stn-epochs", "1", "--image-size", str(SIZE), "--report", str(report)]) == 0
+    html = (report / "index.html").read_text()
+    for text in ("STN+PaDiM", "PaDiM gallery", "aligned (STN)", "ground truth", "heatmap",
+                 "false-reject rate", "misclassified first"):
+        assert text in html, text
+    sources = assert_images_resolve(report)
+    assert any("plots_" in s for s in sources) and any("legend" in s for s in sources)
 
 
 def test_fit_with_stn_then_eval_model_file(data, tmp_path, capsys, quick_stn):
@@ -191,6 +296,7 @@ def test_fit_with_stn_then_eval_model_file(data, tmp_path, capsys, quick_stn):
     results = json.loads(json_path.read_text())
     metrics = results["categories"]["part_drift"]
     assert set(metrics) == METRIC_KEYS and metrics["fit_seconds"] is None
+    assert metrics["threshold"] == pytest.approx(load(path).threshold)
 
 
 def test_progress_bars_on_request(data, tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import warnings
 
 from ..errors import InputError
 
@@ -41,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"choose a command: {', '.join(COMMANDS)} (stnpadim --help)")
         if args.progress is None:
             args.progress = sys.stderr.isatty()
-        return args.run(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn
+            return args.run(args) or 0
     except InputError as exc:
         return _fail(str(exc))
     except OSError as exc:  # unwritable output folder, disk full: the user's to fix
@@ -74,6 +77,11 @@ def _tolerate_odd_names(stream) -> None:
     # A file name that is not UTF-8 (kept by Python as surrogates) must print, not crash.
     if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) == "strict":
         stream.reconfigure(errors="backslashreplace")
+
+
+def _warn(message, *_args, **_kwargs) -> None:
+    # A warning meant for the user (e.g. too few calibration images): one line, no source.
+    print(f"stnpadim: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _fail(message: str) -> int:

@@ -1,4 +1,5 @@
-"""`stnpadim eval`: image/pixel AUROC, AUPRO and F1 per category; the Table-1-style table.
+"""`stnpadim eval`: image/pixel AUROC, AUPRO and F1 per category; the Table-1-style table;
+decisions at each model's calibrated threshold; optionally the HTML report.
 
 Without --model, each category is fitted from its train/good images with the fit
 options; with an STN, plain PaDiM is fitted too (same backbone, size, channel subset) so
@@ -7,28 +8,35 @@ the table compares PaDiM with STN+PaDiM, as the paper's Table 1 does.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from ..data.mvtec import list_categories, load_category
 from ..errors import InputError
 from ..models.padim import load
-from ..report import markdown_table, summarize, write_json, write_text
+from ..report import DECISION_METRICS, markdown_table, summarize, write_json, write_text
+from ..report_html import HtmlReport
 from .experiment import ModelOptions, run_category
-from .outputs import category_inputs, check_outputs
+from .outputs import category_inputs, check_outputs, check_writable_folder
 from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options
+from .reporting import add_predictions
 
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
         "eval", parents=[common], help="evaluate on MVTec-format test sets",
-        description="Fits a model per category (or takes --model) and reports image AUROC, "
-                    "pixel AUROC, AUPRO and image F1 as a markdown table.")
+        description="Fits and calibrates a model per category (or takes --model) and reports "
+                    "image AUROC, pixel AUROC, AUPRO and image F1, then the false-reject rate, "
+                    "miss rate, precision, recall and F1 at the calibrated threshold, as "
+                    "markdown tables.")
     parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
     parser.add_argument("--category", nargs="+", metavar="C",
                         help="categories (default: every folder of ROOT with train/good)")
     parser.add_argument("--model", metavar="MODEL",
                         help="evaluate this model file (one category) instead of fitting")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--table", metavar="FILE", help="write the markdown table")
+    parser.add_argument("--table", metavar="FILE", help="write the markdown tables")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write an HTML report (DIR/index.html: curves, histograms, gallery)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="with an STN, skip the plain PaDiM comparison column")
     add_model_options(parser)
@@ -41,6 +49,9 @@ def run(args) -> int:
     # Everything is checked before minutes of fitting, not after.
     outputs = {name: kind for name, kind in ((args.json, "results JSON"),
                                              (args.table, "markdown table")) if name is not None}
+    if args.report is not None:
+        check_writable_folder(args.report)
+        outputs[Path(args.report) / "index.html"] = "HTML report"
     inputs = [p for p in (args.model, args.weights) if p]
     check_outputs(outputs, inputs, args.force)  # before reading the data, then with its files
     given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
@@ -56,11 +67,12 @@ def run(args) -> int:
         if not category.test_items:
             raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
     check_outputs(outputs, inputs + [f for c in categories for f in category_inputs(c)], args.force)
+    report = None if args.report is None else HtmlReport(args.report, "stnpadim eval")
     if args.model is not None:
-        arms = _evaluate_model_file(args, categories)
+        arms = _evaluate_model_file(args, categories, report)
     else:
-        arms = _fit_and_evaluate(args, categories)
-    table = markdown_table(arms)
+        arms = _fit_and_evaluate(args, categories, report)
+    table = markdown_table(arms) + "\nAt the calibrated threshold:\n\n" + markdown_table(arms, DECISION_METRICS)
     print(table, end="")
     labels = list(arms)
     results = dict(arms[labels[-1]])
@@ -70,19 +82,25 @@ def run(args) -> int:
         write_json(args.json, results)
     if args.table:
         write_text(args.table, table)
+    if report is not None:
+        print(f"wrote {report.write()}")
     return 0
 
 
-def _evaluate_model_file(args, categories) -> dict:
+def _evaluate_model_file(args, categories, report) -> dict:
     options = ModelOptions.from_args(args)
     model = load(args.model, device=options.device, batch_size=options.batch_size,
                  progress=args.progress)
-    metrics, _, _ = run_category(categories[0], options, args.progress, model=model)
+    if model.calibration is None:
+        print(f"{args.model}: uncalibrated model (saved without a threshold): no decision metrics")
+    metrics, predictions, _ = run_category(categories[0], options, args.progress, model=model)
     label = "PaDiM" if model.stn is None else "STN+PaDiM"
+    if report is not None:
+        add_predictions(report, categories[0].name, label, model, predictions, metrics)
     return {label: summarize({categories[0].name: metrics})}
 
 
-def _fit_and_evaluate(args, categories) -> dict:
+def _fit_and_evaluate(args, categories, report) -> dict:
     options = ModelOptions.from_args(args)
     arms = [options]
     if options.stn != "none" and not args.no_baseline:
@@ -90,6 +108,8 @@ def _fit_and_evaluate(args, categories) -> dict:
     per_arm = {arm.label: {} for arm in arms}
     for category in categories:
         for arm in arms:
-            metrics, _, _ = run_category(category, arm, args.progress)
+            metrics, predictions, model = run_category(category, arm, args.progress)
             per_arm[arm.label][category.name] = metrics
+            if report is not None:
+                add_predictions(report, category.name, arm.label, model, predictions, metrics)
     return {label: summarize(per_category) for label, per_category in per_arm.items()}

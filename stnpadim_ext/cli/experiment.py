@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 from ..data.images import describe, iter_batches
 from ..data.mvtec import Category, load_mask
 from ..errors import InputError
-from ..metrics import aupro, image_auroc, image_f1, pixel_auroc
+from ..metrics import THRESHOLD_METRICS, aupro, image_auroc, image_f1, pixel_auroc, threshold_metrics
 from ..models.padim import PaDiM
+from ..models.padim.calibration import split_holdout
 from ..models.stn import STN, train_stn
 
 
@@ -29,10 +30,11 @@ class ModelOptions:
         image_size: square side images are resized to.
         center_crop: optional centre crop side after the resize.
         n_features: embedding channels, None for the backbone's default.
-        seed: seeds the channel subset and the STN training.
+        seed: seeds the channel subset, the calibration hold-out and the STN training.
         batch_size: images per forward pass.
         device: torch device string, None for the default.
         stn_train: further train_stn keyword arguments (e.g. samples_per_epoch).
+        false_reject_rate: target false-reject rate of the calibrated threshold.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -46,6 +48,7 @@ class ModelOptions:
     batch_size: int = 32
     device: str | None = None
     stn_train: dict = field(default_factory=dict)
+    false_reject_rate: float = 0.01
 
     @classmethod
     def from_args(cls, args) -> "ModelOptions":
@@ -79,14 +82,18 @@ class Predictions:
     seconds: float
 
 
-def fit_model(train_paths, options: ModelOptions, progress: bool = True) -> tuple[PaDiM, dict]:
-    """Builds a PaDiM (behind a freshly trained STN unless options.stn is "none") and fits it.
+def fit_model(train_paths, options: ModelOptions, progress: bool = True,
+              calibration_paths=None) -> tuple[PaDiM, dict]:
+    """Builds a PaDiM (behind a freshly trained STN unless options.stn is "none"), fits and
+    calibrates it.
 
     The backbone is built first, so missing weights are reported before any training.
+    Without calibration_paths a seeded share of train_paths is held out (split_holdout):
+    neither the STN nor the Gaussians see it; it only sets the threshold.
 
     Returns:
-        (fitted model, info) with info: fit_seconds (STN training + PaDiM fit) and, with an
-        STN, stn_history (train_stn's history).
+        (fitted model, info) with info: fit_seconds (STN training + PaDiM fit +
+        calibration) and, with an STN, stn_history (train_stn's history).
     """
     # Border padding: a part aligned from up to 30 degrees off shows no black corners,
     # which PaDiM would score as anomalies (measured on synthetic part_drift, 128 px,
@@ -101,6 +108,8 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True) -> tupl
                   seed=options.seed, progress=progress)
     info = {}
     start = time.perf_counter()
+    if calibration_paths is None:
+        train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
     if stn is not None:
         kwargs = dict(options.stn_train)
         if options.stn_epochs is not None:
@@ -108,6 +117,8 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True) -> tupl
         info["stn_history"] = train_stn(model.stn, train_paths, objective=options.stn,
                                         seed=options.seed, progress=progress, **kwargs)
     model.fit(train_paths)
+    if calibration_paths:  # none below 3 training images
+        model.calibrate(calibration_paths, options.false_reject_rate)
     info["fit_seconds"] = time.perf_counter() - start
     return model, info
 
@@ -169,7 +180,8 @@ def run_category(category: Category, options: ModelOptions, progress: bool = Tru
 
     Returns:
         (metrics, predictions, model); metrics hold the METRICS keys plus fit_seconds (None
-        for a given model) and images_per_second (model throughput on the test set).
+        for a given model), images_per_second (model throughput on the test set) and the
+        THRESHOLD_METRICS at the model's calibrated threshold (None when uncalibrated).
     """
     fit_seconds = None
     if model is None:
@@ -179,4 +191,6 @@ def run_category(category: Category, options: ModelOptions, progress: bool = Tru
     metrics = compute_metrics(predictions, model.center_crop)
     metrics["fit_seconds"] = fit_seconds
     metrics["images_per_second"] = len(predictions.paths) / max(predictions.seconds, 1e-9)
+    metrics.update(dict.fromkeys(THRESHOLD_METRICS) if model.threshold is None else
+                   threshold_metrics(predictions.labels, predictions.scores, model.threshold))
     return metrics, predictions, model

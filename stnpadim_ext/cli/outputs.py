@@ -6,8 +6,8 @@ fails in a second, not after minutes of fitting, with a message naming the user'
     - a folder we cannot write in;
     - an input of the same command (never overwritten, not even with --force);
     - an existing file that is not a previous output of ours of the same kind (a model
-      file, our JSON / table / CSV, a PNG tagged by report.write_image): replaced only
-      with --force.
+      file, our JSON / table / CSV, a PNG tagged by report.write_image, our HTML report's
+      index.html): replaced only with --force.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..data.mvtec import Category
 from ..errors import InputError
 from ..models.padim.serialization import is_model_file
 from ..report import PNG_SOFTWARE
+from ..report_html import HTML_GENERATOR
 
 MAX_SNIFF = 1 << 20  # bytes of a text output read to recognise it
 
@@ -118,4 +119,5 @@ RECOGNISERS = {
     "markdown table": lambda path: _text_head(path).startswith("| category |"),
     "scores CSV": lambda path: _text_head(path).startswith("image,score"),
     "heatmap PNG": _is_our_png,
+    "HTML report": lambda path: HTML_GENERATOR in _text_head(path),
 }

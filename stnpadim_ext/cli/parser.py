@@ -72,11 +72,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-features", type=at_least(1), metavar="N",
                        help="embedding channels kept (default: the backbone's)")
     group.add_argument("--seed", type=at_least(0),
-                       help=f"seed of the channel subset and the STN training (default: {defaults.seed})")
+                       help=f"seed of the channel subset, the calibration hold-out and the STN "
+                            f"training (default: {defaults.seed})")
+    group.add_argument("--false-reject-rate", type=probability, metavar="A",
+                       help="target share of good images called anomalous; sets the calibrated "
+                            f"threshold (default: {defaults.false_reject_rate})")
 
 
 MODEL_OPTIONS = ("backbone", "weights", "stn", "stn_epochs", "image_size", "center_crop",
-                 "n_features", "seed")
+                 "n_features", "seed", "false_reject_rate")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +124,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive); got {text}")
     return value
 
 

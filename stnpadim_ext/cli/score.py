@@ -1,4 +1,9 @@
-"""`stnpadim score`: scores images with a saved model; heatmap overlays and a scores CSV."""
+"""`stnpadim score`: scores images with a saved model; decisions at its calibrated threshold,
+heatmap overlays with the defect region outlined, a scores CSV, optional masks and report.
+
+Heatmap colours of a calibrated model are fixed in units of its threshold (report.heat_range),
+so the same colour means the same normalized score in every run.
+"""
 from __future__ import annotations
 
 import os
@@ -11,10 +16,12 @@ from ..data.images import IMAGE_SUFFIXES, iter_batches, load_image
 from ..data.mvtec import OS_CLUTTER
 from ..errors import InputError
 from ..models.padim import load
-from ..report import staged_folder, write_heatmap, write_scores_csv
+from ..report import heat_range, outline, overlay, resize_map, staged_folder, write_image, write_scores_csv
+from ..report_html import HtmlReport
 from .experiment import ModelOptions
 from .outputs import check_outputs, check_writable_folder
 from .parser import add_force_option, add_run_options, positive_float
+from .reporting import aligned_views
 
 # Longest side of a heatmap overlay: images beyond it get a downscaled overlay (a 10000 px
 # overlay at full size would need gigabytes for no visible gain).
@@ -26,14 +33,21 @@ def register(commands, common) -> None:
         "score", parents=[common], help="score images with a saved model",
         description="Scores images (files, or every image in the given folders) and writes "
                     "one heatmap overlay PNG per image (longest side at most "
-                    f"{HEATMAP_MAX_SIDE} px) and scores.csv to --out.")
+                    f"{HEATMAP_MAX_SIDE} px) and scores.csv (image, score, normalized_score, "
+                    "anomalous, heatmap) to --out. normalized_score is score / the model's "
+                    "calibrated threshold; above 1 is anomalous.")
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
     parser.add_argument("--out", default="stnpadim_scores", metavar="DIR",
                         help="output folder (default: ./stnpadim_scores)")
     parser.add_argument("--vmax", type=positive_float, default=None,
-                        help="anomaly value shown in the hottest colour (default: the highest "
-                             "value over all scored images, so overlays are comparable)")
+                        help="anomaly value shown in the hottest colour (default: twice the "
+                             "model's threshold; for an uncalibrated model, the highest value "
+                             "over all scored images)")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write <name>_mask.png: the defect region (map > threshold)")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write an HTML report (DIR/index.html: histogram, gallery)")
     add_run_options(parser)
     add_force_option(parser)
     parser.set_defaults(run=run)
@@ -46,9 +60,20 @@ def run(args) -> int:
     check_writable_folder(out)
     # Checked before any work: never over an input image or the model, nor a foreign file.
     outputs = {out / "scores.csv": "scores CSV", **{out / n: "heatmap PNG" for n in names}}
+    if args.masks:
+        outputs.update({out / mask_name(n): "heatmap PNG" for n in names})
+    if args.report is not None:
+        check_writable_folder(args.report)
+        outputs[Path(args.report) / "index.html"] = "HTML report"
     check_outputs(outputs, [*paths, args.model], args.force)
     options = ModelOptions.from_args(args)
     model = load(args.model, device=options.device, batch_size=options.batch_size, progress=False)
+    threshold = model.threshold
+    if threshold is None:
+        print(f"{args.model}: uncalibrated model (saved without a threshold): scores only; "
+              "refit it to get decisions")
+    if args.masks and threshold is None:
+        raise InputError(f"{args.model}: --masks needs a calibrated model (refit it with this version)")
     # All predictions first: a bad image stops the run before anything is written.
     scores, maps = [], []
     with tqdm(total=len(paths), desc="score", unit="img", disable=not args.progress) as bar:
@@ -58,19 +83,46 @@ def run(args) -> int:
             maps.append(batch_maps.cpu().half())  # half the memory; plenty for colours
             bar.update(batch.shape[0])
     scores, maps = torch.cat(scores), torch.cat(maps)
-    vmin, vmax = float(maps.min()), args.vmax or float(maps.max())
+    vmin, vmax = heat_range(threshold) if threshold else (float(maps.min()), float(maps.max()))
+    vmax = args.vmax or vmax
     rows = []
     # Written to a staging folder and moved in at the end: all outputs or none.
     with staged_folder(out, last=["scores.csv"]) as stage:
         for path, name, score, amap in tqdm(list(zip(paths, names, scores.tolist(), maps, strict=True)),
                                             desc="heatmaps", unit="img", disable=not args.progress):
             # Overlays of huge images are written downscaled: memory stays bounded.
-            write_heatmap(stage / name, load_image(path, max_side=HEATMAP_MAX_SIDE), amap, vmin, vmax)
-            rows.append({"image": str(path), "score": f"{score:.6g}", "heatmap": name})
+            image = load_image(path, max_side=HEATMAP_MAX_SIDE)
+            amap = resize_map(amap.float(), image.shape[-2:])  # the input frame, at the overlay's size
+            heat = overlay(image, amap, vmin, vmax)
+            row = {"image": str(path), "score": f"{score:.6g}", "normalized_score": "", "anomalous": ""}
+            if threshold:
+                region = (amap > threshold).numpy()
+                heat = outline(heat, region)
+                row.update(normalized_score=f"{score / threshold:.6g}",
+                           anomalous=str(score > threshold).lower())
+                if args.masks:
+                    write_image(stage / mask_name(name), region.astype("uint8") * 255)
+            write_image(stage / name, heat)
+            rows.append({**row, "heatmap": name})
         write_scores_csv(stage / "scores.csv", rows)
-    print(f"scored {len(paths)} images: scores {min(scores.tolist()):.4g} .. "
-          f"{max(scores.tolist()):.4g}; wrote {out / 'scores.csv'} and {len(paths)} heatmaps")
+    line = f"scored {len(paths)} images: scores {min(scores.tolist()):.4g} .. {max(scores.tolist()):.4g}"
+    if threshold:
+        line += f"; {int((scores > threshold).sum())} anomalous at threshold {threshold:.4g}"
+    print(f"{line}; wrote {out / 'scores.csv'} and {len(paths)} heatmaps"
+          + (f" and {len(paths)} masks" if args.masks else ""))
+    if args.report is not None:
+        report = HtmlReport(args.report, "stnpadim score")
+        label = "PaDiM" if model.stn is None else "STN+PaDiM"
+        report.add(Path(args.model).stem, label, paths, scores, maps, threshold,
+                   aligned=aligned_views(model, paths),
+                   calibration=None if model.calibration is None else model.calibration.to_config())
+        print(f"wrote {report.write()}")
     return 0
+
+
+def mask_name(heatmap: str) -> str:
+    """The mask PNG beside a heatmap PNG: <stem>_mask.png."""
+    return heatmap.removesuffix("_heatmap.png") + "_mask.png"
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
