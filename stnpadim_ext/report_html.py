@@ -48,6 +48,7 @@ THUMB = 112          # gallery thumbnail height, px
 CURVE_POINTS = 400   # points kept per plotted curve
 PRO_FPR_LIMIT = 0.3  # the AUPRO integration limit, shaded on the PRO plot
 OUTLINE = (255, 255, 255)
+SHARED_PANELS = ("input", "ground truth")
 # Marks our index.html, so that a later run may replace it (cli/outputs.py).
 HTML_GENERATOR = '<meta name="generator" content="stnpadim">'
 
@@ -78,6 +79,7 @@ class HtmlReport:
     def __init__(self, folder: str | os.PathLike, title: str):
         self.folder, self.title = Path(folder), title
         self.sections: list[_Section] = []
+        self.shared: dict[tuple, str] = {}  # (category, image, panel) -> thumbnail written
 
     def add(self, category: str, label: str, paths: list, scores, maps, threshold: float | None, *,
             labels=None, defects: list[str] | None = None, masks=None, aligned=None,
@@ -131,8 +133,16 @@ class HtmlReport:
             if masks is not None:
                 truth = F.adaptive_max_pool2d(masks[i][None].float(), thumb)[0] > 0
                 panels["ground truth"] = mask_overlay(panels["input"], truth)
-            files = {name: self._write_jpeg(f"s{index}_{i}_{j}.jpg", rgb)
-                     for j, (name, rgb) in enumerate(panels.items())}
+            files = {}
+            for j, (name, rgb) in enumerate(panels.items()):
+                # The input and its ground truth are the same for every model of a category.
+                key = (category, str(path), name)
+                if name in SHARED_PANELS and key in self.shared:
+                    files[name] = self.shared[key]
+                    continue
+                files[name] = self._write_jpeg(f"s{index}_{i}_{j}.jpg", rgb)
+                if name in SHARED_PANELS:
+                    self.shared[key] = files[name]
             section.rows.append({"path": Path(path), "score": float(scores[i]),
                                  "normalized": float(section.normalized[i]),
                                  "label": None if labels is None else bool(labels[i]),

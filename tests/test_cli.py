@@ -558,6 +558,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(heatmaps) == len(demo.DEMO_CATEGORIES) * demo.HEATMAPS_PER_CATEGORY
     with Image.open(heatmaps[0]) as img:
         assert img.size == (4 * SIZE, SIZE)
+    html = (out / "report" / "index.html").read_text()
+    assert all(f"<h2>{name}</h2>" in html for name in demo.DEMO_CATEGORIES)
+    assert_images_resolve(out / "report")
 
 
 # ----------------------------------------------------------------------------------------

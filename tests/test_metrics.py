@@ -6,7 +6,7 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from stnpadim_ext.errors import InputError
-from stnpadim_ext.metrics import aupro, image_auroc, image_f1, pixel_auroc
+from stnpadim_ext.metrics import aupro, image_auroc, image_f1, pixel_auroc, roc_curve, threshold_metrics
 
 
 @pytest.fixture
@@ -151,3 +151,26 @@ def test_bad_inputs():
         aupro(np.eye(4, dtype=bool), np.eye(4), fpr_limit=0.0)
     with pytest.raises(InputError, match=r"\[N, H, W\]"):
         aupro(np.eye(4, dtype=bool).ravel(), np.eye(4).ravel())
+
+
+def test_threshold_metrics_counts():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.9, 0.5, 0.8, 0.3, 0.5])
+    m = threshold_metrics(labels, scores, 0.5)  # flagged: 0.9 (good), 0.8 (defective); 0.5 is not > 0.5
+    assert m["threshold"] == 0.5
+    assert m["false_reject_rate"] == pytest.approx(1 / 4) and m["miss_rate"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx(1 / 2) and m["recall"] == pytest.approx(1 / 3)
+    assert m["f1_at_threshold"] == pytest.approx(2 * 0.5 * (1 / 3) / (0.5 + 1 / 3))
+    only_good = threshold_metrics(np.zeros(3), np.array([1.0, 2.0, 3.0]), 2.5)
+    assert only_good["false_reject_rate"] == pytest.approx(1 / 3)
+    assert only_good["miss_rate"] is None and only_good["recall"] is None
+
+
+def test_roc_curve_matches_auroc():
+    rng = np.random.default_rng()
+    labels = rng.random(200) < 0.3
+    labels[:2] = [True, False]
+    scores = rng.normal(size=200) + labels
+    fpr, tpr = roc_curve(labels, scores)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(image_auroc(labels, scores))

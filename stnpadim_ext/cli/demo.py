@@ -13,9 +13,11 @@ from ..data.images import load_image
 from ..data.mvtec import load_category
 from ..data.synth import CATEGORIES, make_dataset
 from ..report import markdown_table, mask_overlay, overlay, summarize, to_rgb8, write_image, write_json, write_text
+from ..report_html import HtmlReport
 from .experiment import ModelOptions, Predictions, run_category
 from .outputs import check_outputs, check_writable_folder
 from .parser import add_force_option, at_least
+from .reporting import add_predictions
 
 # A texture, an aligned part, a part whose test images drift in pose and a part in random
 # poses: every kind the synthetic generator makes.
@@ -37,9 +39,10 @@ def register(commands, common) -> None:
         description="Writes a small synthetic data set (a texture, an aligned part, a part "
                     "whose test images drift in pose, a part in random poses), fits PaDiM and "
                     "STN+PaDiM with efficientnet_lite0, prints the comparison table and "
-                    "writes heatmaps. Offline; under 10 minutes on a 2-core CPU.")
+                    "writes heatmaps and an HTML report (report/index.html). Offline; under "
+                    "10 minutes on a 2-core CPU.")
     parser.add_argument("--out", default="stnpadim_demo", metavar="DIR",
-                        help="folder for table.md, results.json and heatmaps/ "
+                        help="folder for table.md, results.json, heatmaps/ and report/ "
                              "(default: ./stnpadim_demo)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="data and model seed (default: 0)")
     add_force_option(parser)
@@ -51,15 +54,17 @@ def register(commands, common) -> None:
 @limit_threads()
 def run(args) -> int:
     out = Path(args.out)
-    # Checked before minutes of work: the folder, its two files and earlier heatmaps.
+    # Checked before minutes of work: the folder, its files, earlier heatmaps and report.
     heatmaps = out / "heatmaps"
     check_writable_folder(heatmaps)
-    outputs = {out / "table.md": "markdown table", out / "results.json": "results JSON"}
+    outputs = {out / "table.md": "markdown table", out / "results.json": "results JSON",
+               out / "report" / "index.html": "HTML report"}
     if heatmaps.is_dir():
         outputs.update({path: "heatmap PNG" for path in heatmaps.iterdir() if path.is_file()})
     check_outputs(outputs, force=args.force)
     start = time.perf_counter()
     per_arm = {"PaDiM": {}, "STN+PaDiM": {}}
+    report = HtmlReport(out / "report", "stnpadim demo")
     panels = {}
     with tempfile.TemporaryDirectory(prefix="stnpadim-demo-") as root:
         make_dataset(root, categories=DEMO_CATEGORIES, seed=args.seed, progress=args.progress,
@@ -71,8 +76,9 @@ def run(args) -> int:
             predictions = {}
             for stn in ("none", objective):
                 options = replace(DEMO_OPTIONS, stn=stn, seed=args.seed, **STN_BUDGET.get(stn, {}))
-                metrics, predictions[options.label], _ = run_category(category, options,
-                                                                      args.progress)
+                metrics, predictions[options.label], model = run_category(category, options,
+                                                                          args.progress)
+                add_predictions(report, name, options.label, model, predictions[options.label], metrics)
                 per_arm[options.label][name] = metrics
             panels[name] = predictions
             print(f"[{i}/{len(DEMO_CATEGORIES)}] {name} ({objective} STN): image AUROC "
@@ -86,10 +92,11 @@ def run(args) -> int:
     table = markdown_table(arms)
     write_text(out / "table.md", table)
     write_json(out / "results.json", {**arms["STN+PaDiM"], "baseline": arms["PaDiM"]})
+    index = report.write()
     print()
     print(table, end="")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s; wrote {out / 'table.md'}, "
-          f"{out / 'results.json'} and {n_heatmaps} heatmaps in {heatmaps}")
+          f"{out / 'results.json'}, {n_heatmaps} heatmaps in {heatmaps} and {index}")
     return 0
 
 
