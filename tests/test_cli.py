@@ -24,6 +24,7 @@ import stnpadim_ext.cli.experiment as experiment
 from stnpadim_ext.cli import main
 from stnpadim_ext.data.mvtec import MVTEC_CATEGORIES, load_category
 from stnpadim_ext.models.padim import load
+from stnpadim_ext.models.padim.serialization import read_model_file, write_model_file
 from stnpadim_ext.models.stn import train_stn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +203,25 @@ def test_score_masks_mark_the_map_above_the_threshold(data, model_file, tmp_path
         # Same pixels up to float noise at the boundary (the CLI maps are half precision).
         assert (written != mask.numpy()).mean() < 0.01
         assert written.any() == bool(anomalous) == (row["anomalous"] == "true")
+
+
+def test_uncalibrated_model_file_scores_without_decisions(data, model_file, tmp_path, capsys):
+    config, tensors = read_model_file(model_file)
+    del config["calibration"]  # as written before calibration existed
+    old = write_model_file(tmp_path / "old.padim", config, tensors)
+    good = data / "fabric" / "test" / "good"
+    out = tmp_path / "out"
+    assert main(["score", "--model", str(old), str(good), "--out", str(out)]) == 0
+    assert "uncalibrated" in capsys.readouterr().out
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["normalized_score"] == "" and r["anomalous"] == "" for r in rows)
+    assert_user_error(capsys, ["score", "--model", old, good, "--out", tmp_path / "o2", "--masks"], "--masks")
+    json_path = tmp_path / "r.json"
+    assert main(["eval", "--data", str(data), "--category", "fabric", "--model", str(old),
+                 "--json", str(json_path)]) == 0
+    metrics = json.loads(json_path.read_text())["categories"]["fabric"]
+    assert all(metrics[key] is None for key in THRESHOLD_KEYS) and metrics["image_auroc"] is not None
 
 
 def test_score_report(data, model_file, tmp_path, capsys):
