@@ -69,11 +69,11 @@ def run(args) -> int:
     options = ModelOptions.from_args(args)
     model = load(args.model, device=options.device, batch_size=options.batch_size, progress=False)
     threshold = model.threshold
+    if args.masks and threshold is None:
+        raise InputError(f"{args.model}: --masks needs a calibrated model (refit it with this version)")
     if threshold is None:
         print(f"{args.model}: uncalibrated model (saved without a threshold): scores only; "
               "refit it to get decisions")
-    if args.masks and threshold is None:
-        raise InputError(f"{args.model}: --masks needs a calibrated model (refit it with this version)")
     # All predictions first: a bad image stops the run before anything is written.
     scores, maps = [], []
     with tqdm(total=len(paths), desc="score", unit="img", disable=not args.progress) as bar:
