@@ -24,6 +24,7 @@ import stnpadim_ext.cli.experiment as experiment
 from stnpadim_ext.cli import main
 from stnpadim_ext.data.mvtec import MVTEC_CATEGORIES, load_category
 from stnpadim_ext.models.padim import load
+from stnpadim_ext.models.padim.calibration import split_holdout
 from stnpadim_ext.models.padim.serialization import read_model_file, write_model_file
 from stnpadim_ext.models.stn import train_stn
 
@@ -308,7 +309,12 @@ def test_fit_with_stn_then_eval_model_file(data, tmp_path, capsys, quick_stn):
     assert main(["fit", "--data", str(data), "--category", "part_drift", "--stn", "canonical",
                  "--stn-epochs", "1", "--image-size", str(SIZE), "--out", str(path)]) == 0
     assert "STN held-out error" in capsys.readouterr().out
-    assert load(path).stn is not None
+    model = load(path, progress=False)
+    assert model.stn is not None
+    # Calibrated by the whole model, STN included, on the seeded hold-out (2 of 8: the max).
+    _, held = split_holdout(load_category(data, "part_drift").train_paths, seed=0)
+    scores, _ = model.predict(held)
+    assert model.calibration.n == 2 and model.threshold == pytest.approx(float(scores.max()), rel=1e-4)
     json_path = tmp_path / "eval.json"
     assert main(["eval", "--data", str(data), "--category", "part_drift", "--model", str(path),
                  "--json", str(json_path)]) == 0
