@@ -554,7 +554,9 @@ def test_sigterm_during_save_cleans_up(data, tmp_path, capsys, monkeypatch):
     code = main(["fit", "--data", str(data), "--category", "fabric", *FIT,
                  "--out", str(tmp_path / "m.padim")])
     _, err = capsys.readouterr()
-    assert code == 143 and err.strip() == "stnpadim: terminated"
+    # (The fit warns first that its 2 held-out images cannot support the default rate.)
+    lines = [line for line in err.splitlines() if not line.startswith("stnpadim: warning:")]
+    assert code == 143 and lines == ["stnpadim: terminated"]
     assert files(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
 

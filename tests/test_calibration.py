@@ -105,10 +105,13 @@ def test_split_holdout_is_seeded_disjoint_and_complete():
 def test_calibration_config_round_trip_and_damage():
     cal = conformal_calibration(torch.rand(30) + 1, 0.05)
     assert Calibration.from_config(cal.to_config()) == cal
-    with pytest.raises(ValueError):
-        Calibration.from_config({**cal.to_config(), "threshold": -1.0})
-    with pytest.raises(KeyError):
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="out of range"):
+            Calibration.from_config({**cal.to_config(), "threshold": bad})
+    with pytest.raises(ValueError, match="must hold"):
         Calibration.from_config({"threshold": 1.0})
+    with pytest.raises(ValueError, match="out of range"):
+        Calibration.from_config({**cal.to_config(), "guaranteed_rate": 1.5})
 
 
 def test_decide_normalizes_and_masks_at_the_threshold():
@@ -165,6 +168,11 @@ def test_model_files_without_calibration_load_uncalibrated(fitted, good_paths, t
     assert loaded.threshold is None and loaded.calibration is None
     result = sp.score(loaded, good_paths[10:12])
     assert result.anomalous is None and result.scores.shape == (2,)
+    # A damaged calibration entry is a damaged file, named, not a crash later.
+    config["calibration"] = {"threshold": "x"}
+    damaged = write_model_file(tmp_path / "damaged.padim", config, tensors)
+    with pytest.raises(InputError, match="damaged.padim: damaged stnpadim model file"):
+        sp.load(damaged)
 
 
 def test_refit_drops_the_threshold_and_small_sets_warn(good_paths):

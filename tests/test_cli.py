@@ -235,6 +235,21 @@ def test_score_report(data, model_file, tmp_path, capsys):
     assert_images_resolve(report)
 
 
+def test_report_never_replaces_a_foreign_index_html(data, model_file, tmp_path, capsys):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "index.html").write_text("<html>someone's page</html>")
+    good = data / "fabric" / "test" / "good"
+    assert_user_error(capsys, ["score", "--model", model_file, good, "--out", tmp_path / "out",
+                               "--report", report], report / "index.html")
+    assert (report / "index.html").read_text() == "<html>someone's page</html>"
+    # Our own report is replaced by the next run.
+    (report / "index.html").unlink()
+    for _ in range(2):
+        assert main(["score", "--model", str(model_file), str(good), "--out", str(tmp_path / "out"),
+                     "--report", str(report)]) == 0
+
+
 def assert_images_resolve(report: Path) -> list[str]:
     """Every <img src> of report/index.html is a relative path to a non-empty file."""
     import re
