@@ -1,10 +1,11 @@
-"""The `stnpadim` command line: demo, fit, score, eval, synth.
+"""The `stnpadim` command line: demo, fit, score, eval, synth, export.
 
     stnpadim demo [--out DIR]
     stnpadim fit   --data ROOT --category C [--backbone B] [--stn reconstruct|canonical|none] --out MODEL
     stnpadim score --model MODEL IMAGE_OR_DIR... [--out DIR]
     stnpadim eval  --data ROOT [--category C ...] [--model MODEL | fit options] [--json FILE]
     stnpadim synth --out ROOT [--categories ...] [--seed N]
+    stnpadim export --model MODEL --out MODEL.onnx [--input-dtype float32|uint8]
 
 A user mistake (missing or unreadable file, bad option value, foreign model file...) ends
 the run with exit status 2 and one line `stnpadim: error: <file>: <problem>` on stderr.

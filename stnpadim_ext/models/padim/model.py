@@ -37,6 +37,7 @@ from ..stn import STN, invert_theta
 from . import validate
 from .anomaly_map import distance_to_map, to_input_frame
 from .calibration import Calibration, Decisions, conformal_calibration, decide
+from .export import export_onnx
 from .serialization import read_model_file, write_model_file
 from .torch_model import PadimEmbedding
 
@@ -320,6 +321,17 @@ class PaDiM:
         if self.stn is not None:
             tensors.update({f"stn.{k}": v for k, v in self.stn.state_dict().items()})
         return write_model_file(path, self.config, tensors)
+
+    def export_onnx(self, path: str | os.PathLike, batch_size: int | None = None, *,
+                    input_dtype: str = "float32", factor: str = "packed") -> Path:
+        """Writes the whole predict path as one ONNX graph (see `export.export_onnx`).
+
+        Input images [B, 3, H, W] (H, W = image_size; float32 in [0, 1], or uint8 with
+        input_dtype="uint8"); outputs scores [B] and maps [B, H, W] equal to predict's, plus
+        normalized_scores and anomalous when the model has a calibrated threshold.
+        B is dynamic unless batch_size is given. Needs `pip install "stnpadim[export]"`.
+        """
+        return export_onnx(self, path, batch_size, input_dtype=input_dtype, factor=factor)
 
     def _bar(self, images, desc: str):
         total = images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else (
