@@ -154,6 +154,32 @@ def test_dense_factor_and_external_weights(drift, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx", "dense.onnx.data", "packed.onnx"]
 
 
+def constant_only_nodes(onnx_model) -> list[str]:
+    """Op types of nodes whose inputs are all initializers or Constant outputs (foldable)."""
+    constant = {i.name for i in onnx_model.graph.initializer}
+    constant |= {o for n in onnx_model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.op_type for n in onnx_model.graph.node
+            if n.op_type != "Constant" and n.input and all(i in constant or not i for i in n.input)]
+
+
+def test_large_grid_exports_folded(tmp_path):
+    """At 192 px the map's upsample+blur operators outgrow the exporter's own folding limit:
+    they must still end up as float32 initializers (ONNX Runtime's CPU Conv has no float64)."""
+    import onnx
+
+    images = torch.rand(6, 3, 192, 192, generator=torch.Generator().manual_seed(0))
+    model = PaDiM(image_size=192, pretrained=False, n_features=8, progress=False, device="cpu")
+    model.fit(images[:4])
+    path = model.export_onnx(tmp_path / "model.onnx")
+    graph = onnx.load(str(path))
+    assert constant_only_nodes(graph) == ["Pad"]        # only the packed factor's unpacking
+    assert all(i.data_type != onnx.TensorProto.DOUBLE for i in graph.graph.initializer)
+    scores, maps = session(path).run(None, {"images": images[4:].numpy()})
+    expected_scores, expected_maps = model.predict(images[4:])
+    assert_relative(maps, expected_maps, 1e-4)
+    assert_relative(scores, expected_scores, 1e-4)
+
+
 def test_lowering_constants_match_torch():
     for align_corners in (False, True):
         theta = torch.eye(2, 3)[None]

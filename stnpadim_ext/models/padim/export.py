@@ -105,8 +105,7 @@ def export_onnx(model, path: str | os.PathLike, batch_size: int | None = None,
     # The target is checked (and its folder made) before the tracing minute, not after.
     with atomic_file(path) as tmp:
         onnx_model = _trace(model, batch_size, input_dtype, threshold, table)
-        if factor == "dense":
-            _fold_factor(onnx_model)
+        _fold(onnx_model, model.gaussian.factor_packed if factor == "packed" else None)
         _describe(onnx_model, model, input_dtype, threshold)
         _save(onnx_model, path, tmp)
     return path
@@ -135,11 +134,25 @@ def _example_input(model, batch: int, input_dtype: str) -> torch.Tensor:
     return torch.rand(shape, generator=generator).to(model.device)
 
 
-def _fold_factor(onnx_model) -> None:
-    """Folds the factor's unpacking (Gather over constants) into a dense initializer."""
+def _fold(onnx_model, keep_packed: torch.Tensor | None) -> None:
+    """Folds every constant subgraph into initializers, except the packed factor's unpacking.
+
+    The exporter folds only small constants, which leaves e.g. the map's upsample+blur
+    operators (built in float64, a dtype ONNX Runtime's CPU Conv lacks) as subgraphs to run.
+    With `keep_packed` (the model's factor_packed), the nodes reading that initializer stay,
+    so the file holds the packed factor and ONNX Runtime unpacks it when the session loads.
+    """
     from onnxscript.optimizer import fold_constants
 
-    fold_constants(onnx_model, input_size_limit=2**40, output_size_limit=2**40)
+    packed = None
+    if keep_packed is not None:
+        shape = tuple(keep_packed.shape)
+        packed = {v for v in onnx_model.graph.initializers.values() if tuple(v.shape) == shape}
+
+    def should_fold(node):
+        return False if packed and any(value in packed for value in node.inputs) else None
+
+    fold_constants(onnx_model, input_size_limit=2**40, output_size_limit=2**40, should_fold=should_fold)
 
 
 def _describe(onnx_model, model, input_dtype: str, threshold: float | None) -> None:
