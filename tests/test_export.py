@@ -180,6 +180,18 @@ def test_large_grid_exports_folded(tmp_path):
     assert_relative(scores, expected_scores, 1e-4)
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
+def test_export_embedding_form_equals_gather(backbone):
+    """The embedding's export form (select, nearest upsampling, concat) is bit-equal to the
+    gather form predict runs, also where the grids are not multiples (100 px: 25, 13, 7)."""
+    embedding = PaDiM(backbone, pretrained=False, image_size=100, progress=False, device="cpu").embedding
+    x = torch.rand(2, 3, 100, 100, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps = embedding.backbone(((x - embedding.mean) / embedding.std).contiguous(memory_format=torch.channels_last))
+        assert [m.shape[-1] for m in maps] == [25, 13, 7]
+        torch.testing.assert_close(embedding._concat(maps), embedding(x), rtol=0, atol=0)
+
+
 def test_lowering_constants_match_torch():
     for align_corners in (False, True):
         theta = torch.eye(2, 3)[None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InputError
@@ -83,9 +84,28 @@ class PadimEmbedding(nn.Module):
         """
         x = ((x - self.mean) / self.std).to(self.dtype)
         maps = self.backbone(x.contiguous(memory_format=torch.channels_last))
+        if torch.compiler.is_exporting():
+            return self._concat(maps)
         out = maps[0].new_empty(x.shape[0], *maps[0].shape[-2:], self.n_features, dtype=torch.float32)
         self._gather(maps, out)
         return out.permute(0, 3, 1, 2)
+
+    def _concat(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The same embedding as select + nearest upsampling + concatenation, for export.
+
+        Graph exporters turn `_gather`'s writes into a slice output into scatters and
+        transposes, which ONNX Runtime ran at a quarter of its resnet18 time; this form
+        becomes Gather, Resize and Concat. Same values: nearest upsampling picks floor(i *
+        in / out), as `_nearest` does.
+        """
+        size = maps[0].shape[-2:]
+        parts = []
+        for i, feature in enumerate(maps):
+            local = getattr(self, f"local{i}")
+            if local.numel():
+                kept = feature.index_select(1, local)
+                parts.append(kept if kept.shape[-2:] == size else F.interpolate(kept, size=size, mode="nearest"))
+        return torch.cat(parts, 1).float()
 
     def _gather(self, maps: list[torch.Tensor], out: torch.Tensor) -> None:
         """Writes the kept channels of the three maps into out [b, h, w, n_features]."""
