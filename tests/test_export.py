@@ -116,7 +116,9 @@ def test_dynamic_batch_and_metadata(drift, tmp_path):
         expected_scores, expected_maps = model.predict(test[:batch])
         assert_relative(maps, expected_maps, 1e-4)
         assert_relative(scores, expected_scores, 1e-4)
-    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    graph = onnx.load(str(path))
+    assert graph.producer_name == "stnpadim"
+    meta = {p.key: p.value for p in graph.metadata_props}
     assert meta["backbone"] == "efficientnet_lite0" and meta["input"] == "float32"
     assert meta["image_size"] == f"{SIZE}x{SIZE}" and meta["stn"] == "none"
 
@@ -249,6 +251,19 @@ def test_cli_export(model_file, drift, tmp_path, capsys):
     assert_relative(maps, expected_maps, 1e-3)
     assert_relative(scores, expected_scores, 1e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part.onnx"]  # no temporary left
+
+
+def test_cli_export_overwrites_only_its_own_files(model_file, tmp_path, capsys):
+    out = tmp_path / "part.onnx"
+    assert main(["export", "--model", str(model_file), "--out", str(out)]) == 0
+    assert main(["export", "--model", str(model_file), "--out", str(out), "--factor", "dense"]) == 0
+    foreign = tmp_path / "notes.onnx"
+    foreign.write_text("not ours")
+    capsys.readouterr()
+    assert main(["export", "--model", str(model_file), "--out", str(foreign)]) == 2
+    assert "--force" in capsys.readouterr().err and foreign.read_text() == "not ours"
+    assert main(["export", "--model", str(model_file), "--out", str(model_file), "--force"]) == 2
+    assert "is an input" in capsys.readouterr().err
 
 
 def test_cli_export_unwritable_path(model_file, tmp_path, capsys):

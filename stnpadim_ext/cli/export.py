@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ..models.padim import load
 from ..models.padim.export import FACTOR_STORAGE, INPUT_DTYPES
-from .parser import at_least
+from .outputs import check_outputs
+from .parser import add_force_option, at_least
 
 
 def register(commands, common) -> None:
@@ -24,10 +25,12 @@ def register(commands, common) -> None:
     parser.add_argument("--factor", choices=FACTOR_STORAGE, default="packed",
                         help="storage of the precision factors: packed (default, half the "
                              "size, same speed under ONNX Runtime) or dense")
+    add_force_option(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
+    check_outputs({args.out: "ONNX model"}, [args.model], args.force)
     model = load(args.model, device="cpu", progress=False)
     out = model.export_onnx(args.out, args.batch, input_dtype=args.input_dtype, factor=args.factor)
     height, width = model.image_size

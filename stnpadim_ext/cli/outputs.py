@@ -113,6 +113,15 @@ def _is_our_png(path: Path) -> bool:
         return False
 
 
+def _is_our_onnx(path: Path) -> bool:
+    # ModelProto starts with ir_version then producer_name, which export sets to "stnpadim".
+    try:
+        with open(path, "rb") as f:
+            return b"\x12\x08stnpadim" in f.read(32)
+    except OSError:
+        return False
+
+
 RECOGNISERS = {
     "model file": is_model_file,
     "results JSON": _is_our_json,
@@ -120,4 +129,5 @@ RECOGNISERS = {
     "scores CSV": lambda path: _text_head(path).startswith("image,score"),
     "heatmap PNG": _is_our_png,
     "HTML report": lambda path: HTML_GENERATOR in _text_head(path),
+    "ONNX model": _is_our_onnx,
 }

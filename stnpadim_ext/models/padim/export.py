@@ -156,8 +156,11 @@ def _fold(onnx_model, keep_packed: torch.Tensor | None) -> None:
 
 
 def _describe(onnx_model, model, input_dtype: str, threshold: float | None) -> None:
-    """Records what the graph expects in the model's metadata (read by any ONNX tool)."""
-    props = {"producer": "stnpadim", "backbone": model.backbone_name,
+    """Names us as the producer and records what the graph expects in the metadata."""
+    from ... import __version__
+
+    onnx_model.producer_name, onnx_model.producer_version = "stnpadim", __version__
+    props = {"backbone": model.backbone_name,
              "image_size": "x".join(map(str, model.image_size)), "input": input_dtype,
              "stn": "none" if model.stn is None else model.stn.config["transform"]}
     if threshold is not None:
