@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import stnpadim_ext as sp
 from stnpadim_ext.cli import main
-from stnpadim_ext.data.images import iter_batches
+from stnpadim_ext.data.images import as_float, iter_batches
 from stnpadim_ext.data.mvtec import load_category
 from stnpadim_ext.errors import InputError
 from stnpadim_ext.models.padim import PaDiM, export
@@ -32,8 +32,9 @@ def drift(tmp_path_factory):
     make_dataset(root, categories=["part_drift"], seed=3, image_size=SIZE, n_train=16,
                  n_test_good=6, n_test_defect=2, progress=False)
     category = load_category(root, "part_drift")
-    train = torch.cat(list(iter_batches(category.train_paths, 16)))
-    test = torch.cat(list(iter_batches([item.path for item in category.test_items], 64)))
+    # The loader hands files over as uint8; the graph under test takes float in [0, 1].
+    train = as_float(torch.cat(list(iter_batches(category.train_paths, 16))), "cpu")
+    test = as_float(torch.cat(list(iter_batches([item.path for item in category.test_items], 64))), "cpu")
     labels = np.array([item.label for item in category.test_items])
     return train, test, labels
 
@@ -49,10 +50,13 @@ def posed_stn(seed: int = 0) -> sp.STN:
     return stn
 
 
-def fitted(backbone: str, stn: bool, train: torch.Tensor) -> PaDiM:
+def fitted(backbone: str, stn: bool, train: torch.Tensor, calibrate: bool = False) -> PaDiM:
+    """Fitted on the first 12 training images; calibrated on the other 4 (when asked) at a
+    false-reject rate of 0.25, the lowest 4 images support."""
     model = PaDiM(backbone, pretrained=False, image_size=SIZE, stn=posed_stn() if stn else None,
                   progress=False, device="cpu")
-    return model.fit(train)
+    model.fit(train[:12])
+    return model.calibrate(train[12:], false_reject_rate=0.25) if calibrate else model
 
 
 def session(path: Path):
@@ -72,34 +76,26 @@ def assert_relative(actual: np.ndarray, expected: torch.Tensor, tol: float) -> N
                                atol=tol * float(expected.abs().max()))
 
 
-def with_threshold(model: PaDiM, scores: torch.Tensor) -> float:
-    """Sets a threshold halfway between the two middle scores (no score sits near it)."""
-    ordered = scores.sort().values
-    middle = len(ordered) // 2
-    model.threshold = float(ordered[middle - 1] + ordered[middle]) / 2
-    return model.threshold
-
-
 @pytest.mark.parametrize("stn", [False, True], ids=["padim", "stn"])
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18"])
 def test_onnx_runtime_equals_predict(drift, tmp_path, backbone, stn):
     train, test, labels = drift
-    model = fitted(backbone, stn, train)
-    scores, maps = model.predict(test)
-    threshold = with_threshold(model, scores)
+    model = fitted(backbone, stn, train, calibrate=True)
+    expected = model.decide(test)
     path = model.export_onnx(tmp_path / "model.onnx")
 
     out = run(path, test.numpy())
-    assert list(out) == ["scores", "maps", "normalized_scores", "anomalous"]
+    assert list(out) == ["scores", "maps", "normalized_scores", "anomalous", "masks"]
     tol = 1e-3 if stn else 1e-4
-    assert_relative(out["maps"], maps, tol)
-    assert_relative(out["scores"], scores, tol)
-    assert_relative(out["normalized_scores"], scores / threshold, tol)
-    assert np.array_equal(out["anomalous"], (scores > threshold).numpy())
-    assert 0 < out["anomalous"].sum() < len(labels)
-    assert round(roc_auc_score(labels, out["scores"]), 3) == round(roc_auc_score(labels, scores), 3)
+    assert_relative(out["maps"], expected.maps, tol)
+    assert_relative(out["scores"], expected.scores, tol)
+    assert_relative(out["normalized_scores"], expected.normalized_scores, tol)
+    assert np.array_equal(out["anomalous"], expected.anomalous.numpy())
+    assert np.array_equal(out["masks"], expected.masks.numpy())
+    assert 0 < expected.masks.sum() < expected.masks.numel()  # the pixel decisions are not all one way
+    assert round(roc_auc_score(labels, out["scores"]), 3) == round(roc_auc_score(labels, expected.scores), 3)
     if stn:  # the warp back leaves unseen input pixels at 0: the STN really moved the images
-        assert (maps == 0).any()
+        assert (expected.maps == 0).any()
 
 
 def test_dynamic_batch_and_metadata(drift, tmp_path):
@@ -132,7 +128,7 @@ def test_uint8_input_fixed_batch(drift, tmp_path):
     assert sess.get_inputs()[0].shape == [4, 3, SIZE, SIZE]
     assert sess.get_inputs()[0].type == "tensor(uint8)"
     scores, maps = sess.run(None, {"images": pixels.numpy()})
-    expected_scores, expected_maps = model.predict(pixels.float() / 255)
+    expected_scores, expected_maps = model.predict(pixels)
     assert_relative(maps, expected_maps, 1e-3)
     assert_relative(scores, expected_scores, 1e-3)
 
@@ -237,7 +233,7 @@ def test_bad_export_options(tmp_path):
 @pytest.fixture(scope="module")
 def model_file(drift, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "part.padim"
-    fitted("efficientnet_lite0", True, drift[0]).save(path)
+    fitted("efficientnet_lite0", True, drift[0], calibrate=True).save(path)
     return path
 
 
@@ -246,10 +242,11 @@ def test_cli_export(model_file, drift, tmp_path, capsys):
     assert main(["export", "--model", str(model_file), "--out", str(out)]) == 0
     assert f"to {out}" in capsys.readouterr().out
     test = drift[1][:4]
-    expected_scores, expected_maps = sp.load(model_file, device="cpu", progress=False).predict(test)
-    scores, maps = session(out).run(None, {"images": test.numpy()})
-    assert_relative(maps, expected_maps, 1e-3)
-    assert_relative(scores, expected_scores, 1e-3)
+    expected = sp.load(model_file, device="cpu", progress=False).decide(test)
+    scores, maps, _, anomalous, _ = session(out).run(None, {"images": test.numpy()})
+    assert_relative(maps, expected.maps, 1e-3)
+    assert_relative(scores, expected.scores, 1e-3)
+    assert np.array_equal(anomalous, expected.anomalous.numpy())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part.onnx"]  # no temporary left
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..models.padim import load
-from ..models.padim.export import FACTOR_STORAGE, INPUT_DTYPES
+from ..models.padim.export import DECISION_OUTPUTS, FACTOR_STORAGE, INPUT_DTYPES, OUTPUTS
 from .outputs import check_outputs
 from .parser import add_force_option, at_least
 
@@ -14,7 +14,7 @@ def register(commands, common) -> None:
         "export", parents=[common], help="export a saved model to ONNX",
         description="Writes MODEL as an ONNX graph: input images [B, 3, H, W] (H, W = the "
                     "model's image size), outputs scores [B] and maps [B, H, W] equal to "
-                    "`score`'s, plus normalized_scores and anomalous for a calibrated model. "
+                    "`score`'s, plus normalized_scores, anomalous and masks for a calibrated model. "
                     "Needs the export extra: pip install \"stnpadim[export]\".")
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
     parser.add_argument("--out", required=True, metavar="FILE", help="ONNX file to write")
@@ -35,8 +35,7 @@ def run(args) -> int:
     out = model.export_onnx(args.out, args.batch, input_dtype=args.input_dtype, factor=args.factor)
     height, width = model.image_size
     batch = args.batch or "B"
-    outputs = "scores, maps" + (", normalized_scores, anomalous"
-                                if getattr(model, "threshold", None) is not None else "")
+    outputs = ", ".join(OUTPUTS + (DECISION_OUTPUTS if model.threshold is not None else ()))
     print(f"exported {args.model} to {out} ({Path(out).stat().st_size / 2**20:.1f} MiB): input "
           f"images [{batch}, 3, {height}, {width}] {args.input_dtype}; outputs {outputs}")
     return 0

@@ -15,6 +15,7 @@ Graph (B is dynamic unless a batch size is fixed; H, W = the model's image_size)
     and, when the model has a calibrated threshold:
             normalized_scores  [B] float32   (score / threshold: 1.0 is the boundary)
             anomalous          [B] bool      (score > threshold)
+            masks              [B, H, W] bool (map > threshold: the defect regions)
 
 The per-patch precision factor is stored packed (the lower triangle, C(C+1)/2 floats per
 patch, half of a full inverse covariance); ONNX Runtime unpacks it once when the session
@@ -35,11 +36,12 @@ from ...errors import InputError
 from ...ops.onnx import translation_table
 from ...report import atomic_file
 from ..stn import STN
+from .calibration import decide
 
 INPUT_DTYPES = ("float32", "uint8")
 FACTOR_STORAGE = ("packed", "dense")
 OUTPUTS = ("scores", "maps")
-DECISION_OUTPUTS = ("normalized_scores", "anomalous")
+DECISION_OUTPUTS = ("normalized_scores", "anomalous", "masks")
 OPSET = 20
 # A protobuf file holds at most 2 GiB: larger models keep their weights in PATH.data.
 _SINGLE_FILE_LIMIT = 2**31 - 2**26
@@ -48,18 +50,18 @@ _SINGLE_FILE_LIMIT = 2**31 - 2**26
 class _PredictGraph(nn.Module):
     """images -> predict_batch's (scores, maps) [+ decisions]: the module torch.onnx traces."""
 
-    def __init__(self, model, uint8: bool, threshold: float | None):
+    def __init__(self, model, threshold: float | None):
         super().__init__()
-        self.model, self.uint8, self.threshold = model, uint8, threshold
+        self.model, self.threshold = model, threshold
         # Registered so that the exporter sees their parameters as the graph's weights.
         self.embedding, self.stn = model.embedding, model.stn
 
     def forward(self, images: torch.Tensor):
-        x = images.float() / 255.0 if self.uint8 else images
-        scores, maps = self.model.predict_batch(x)
+        scores, maps = self.model.predict_batch(images)  # uint8 too: predict's own conversion
         if self.threshold is None:
             return scores, maps
-        return scores, maps, scores / self.threshold, scores > self.threshold
+        decisions = decide(scores, maps, self.threshold)
+        return scores, maps, decisions.normalized_scores, decisions.anomalous, decisions.masks
 
 
 def check_exportable(model) -> None:
@@ -100,7 +102,7 @@ def export_onnx(model, path: str | os.PathLike, batch_size: int | None = None,
                                    or batch_size < 1):
         raise InputError(f"batch_size must be None (dynamic) or an int >= 1; got {batch_size!r}")
     table = translation_table()
-    threshold = getattr(model, "threshold", None)
+    threshold = model.threshold
     path = Path(path)
     # The target is checked (and its folder made) before the tracing minute, not after.
     with atomic_file(path) as tmp:
@@ -113,7 +115,7 @@ def export_onnx(model, path: str | os.PathLike, batch_size: int | None = None,
 
 def _trace(model, batch_size: int | None, input_dtype: str, threshold: float | None, table: dict):
     """The ONNX model (onnx_ir) of `_PredictGraph`, from torch.onnx's dynamo exporter."""
-    graph = _PredictGraph(model, input_dtype == "uint8", threshold).eval()
+    graph = _PredictGraph(model, threshold).eval()
     example = _example_input(model, batch_size or 2, input_dtype)
     dynamic = None if batch_size else ({0: torch.export.Dim("batch")},)
     outputs = OUTPUTS + (DECISION_OUTPUTS if threshold is not None else ())

@@ -328,7 +328,7 @@ class PaDiM:
 
         Input images [B, 3, H, W] (H, W = image_size; float32 in [0, 1], or uint8 with
         input_dtype="uint8"); outputs scores [B] and maps [B, H, W] equal to predict's, plus
-        normalized_scores and anomalous when the model has a calibrated threshold.
+        normalized_scores, anomalous and masks (as `decide`) when the model has a calibrated threshold.
         B is dynamic unless batch_size is given. Needs `pip install "stnpadim[export]"`.
         """
         return export_onnx(self, path, batch_size, input_dtype=input_dtype, factor=factor)
