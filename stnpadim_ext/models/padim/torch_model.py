@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InputError
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from ..backbones import Backbone
 
 # Channels kept per patch. resnet18 and wide_resnet50_2: the PaDiM paper's (of 448 and 1792).
 # efficientnet_lite0 has only 24 + 40 + 112 = 176: keeping 100 gives the same Gaussian size as
@@ -29,7 +29,7 @@ def channel_subset(total: int, n_features: int, seed: int) -> torch.Tensor:
 
 
 class PadimEmbedding(nn.Module):
-    """Backbone + embedding: ImageNet-normalised features [B, n_features, h, w].
+    """Backbone + embedding: features [B, n_features, h, w] of the backbone-normalised input.
 
     The coarser maps are upsampled (nearest, as the PaDiM reference's unfold/fold concat and
     anomalib do) to the finest map's grid and concatenated; only the channels in `idx` are kept.
@@ -51,8 +51,9 @@ class PadimEmbedding(nn.Module):
         self.dtype = dtype
         n_features = DEFAULT_N_FEATURES[backbone.name] if n_features is None else int(n_features)
         self.register_buffer("idx", channel_subset(sum(backbone.channels), n_features, seed))
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # The normalisation the backbone's weights expect (not the same for every backbone).
+        self.register_buffer("mean", torch.tensor(backbone.input_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.input_std).view(1, 3, 1, 1), persistent=False)
         self._split_idx()
         self.register_load_state_dict_post_hook(lambda module, _: module._split_idx())
 
