@@ -10,9 +10,12 @@ import stnpadim_ext as sp
 from stnpadim_ext.errors import InputError
 from stnpadim_ext.models.stn import (
     STN,
+    FixedWarp,
+    centring_theta,
     compose,
     identity_theta,
     invert_theta,
+    mean_pose,
     measure_alignment,
     random_similarity,
     similarity_theta,
@@ -358,6 +361,100 @@ def test_train_stn_rejects_bad_images():
         train_stn(STN(width=4), torch.zeros(4, 3, 32, 32, dtype=torch.int16), progress=False)
     with pytest.raises(TypeError, match="STN"):
         train_stn(torch.nn.Identity(), aligned_set(4, size=32), progress=False)
+
+
+# ---------------------------------------------------------------------------- seeds, centring
+
+
+def test_stn_seed_fixes_the_initial_weights_and_leaves_the_global_generator_alone():
+    state = torch.random.get_rng_state()
+    a, b, c = STN(width=4, seed=7), STN(width=4, seed=7), STN(width=4, seed=8)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+
+
+def test_train_stn_same_seed_same_bits():
+    """Same seed, same thread count (1, from the fixture): bit-identical trained weights."""
+    images = aligned_set(10, size=32)
+    kwargs = dict(epochs=2, samples_per_epoch=32, batch_size=8, image_size=32, progress=False)
+    seed = int(torch.randint(0, 1000, ()).item())
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(int(torch.randint(0, 1000, ()).item()))  # the global state must not matter
+        stn = STN(width=4, seed=seed)
+        history = train_stn(stn, images, seed=seed, **kwargs)
+        runs.append((stn.state_dict(), history))
+    (first, h1), (second, h2) = runs
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    assert h1["train_loss"] == h2["train_loss"] and h1["centring"] == h2["centring"]
+    other = STN(width=4, seed=seed + 1)
+    train_stn(other, images, seed=seed + 1, **kwargs)
+    assert not torch.equal(other.head.weight, first["head.weight"])
+
+
+def _pose_of(theta):
+    pose = theta_pose(theta)
+    angle = torch.deg2rad(pose["rotation_deg"])
+    return torch.atan2(angle.sin().mean(), angle.cos().mean()), pose["log_scale"].mean()
+
+
+def test_centring_theta_puts_the_mean_pose_at_the_identity():
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    theta = similarity_theta(0.3 + 0.1 * torch.randn(n, generator=gen), 0.2 + 0.05 * torch.randn(n, 2, generator=gen),
+                             -0.04 + 0.02 * torch.randn(n, generator=gen))
+    centred = compose(theta, centring_theta(theta).expand(n, 2, 3))
+    angle, log_scale = _pose_of(centred)
+    assert abs(angle) < 1e-5 and abs(log_scale) < 1e-5
+    # Least-squares centring: no output-frame shift brings the output centres closer to the
+    # input centre (the normal equations sum_i L_i^T t_i = 0 hold).
+    normal = (centred[:, :, :2].transpose(1, 2) @ centred[:, :, 2:]).sum(0)
+    torch.testing.assert_close(normal, torch.zeros(2, 1), atol=1e-5, rtol=0)
+    # A set of one transform: its mean pose is itself, its centring its inverse.
+    one = theta[:1]
+    torch.testing.assert_close(mean_pose(one), one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compose(one, centring_theta(one)), identity_theta(1), atol=1e-5, rtol=0)
+
+
+def test_train_stn_centres_an_aligned_training_set_on_the_identity():
+    images = aligned_set(12, size=32)
+    stn = STN(width=4, seed=1)
+    history = train_stn(stn, images, epochs=2, samples_per_epoch=32, batch_size=8, image_size=32,
+                        progress=False, seed=1)
+    assert set(history["centring"]) == {"rotation_deg", "log_scale", "translation"}
+    with torch.no_grad():
+        theta = stn.predict_theta(F.interpolate(images, size=(32, 32), mode="bilinear",
+                                                antialias=True, align_corners=False))
+    angle, log_scale = _pose_of(theta)
+    assert abs(math.degrees(angle)) < 1e-3 and abs(log_scale) < 1e-5
+    # Without centring the same training leaves its own constant warp in place.
+    raw = STN(width=4, seed=1)
+    assert train_stn(raw, images, epochs=2, samples_per_epoch=32, batch_size=8, image_size=32,
+                     progress=False, seed=1, centre=False)["centring"] is None
+    assert torch.equal(raw.centring, identity_theta(1))
+
+
+def test_state_dict_without_centring_loads_as_identity():
+    stn = STN(width=4, seed=0)
+    state = {k: v for k, v in stn.state_dict().items() if k != "centring"}
+    stn.centring.fill_(3.0)
+    stn.load_state_dict(state)
+    assert torch.equal(stn.centring, identity_theta(1))
+
+
+def test_fixed_warp_applies_one_transform_to_every_image():
+    theta = similarity_theta(torch.tensor([0.2]), torch.tensor([[0.05, -0.03]]), torch.tensor([-0.04]))
+    warp = FixedWarp(theta, padding_mode="border")
+    x = torch.rand(3, 3, 32, 32)
+    out, thetas = warp(x)
+    assert thetas.shape == (3, 2, 3) and torch.equal(thetas[2], theta[0])
+    torch.testing.assert_close(out, sp.affine_sample(x, theta.expand(3, 2, 3), padding_mode="border"))
+    with pytest.raises(ValueError, match="padding_mode"):
+        FixedWarp(theta, padding_mode="wrap")
 
 
 # ---------------------------------------------------------------------------- acceptance

@@ -1,13 +1,15 @@
 """The Spatial Transformer: a small localization CNN predicting theta, then affine_sample."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops.affine_sample import affine_sample
 from ..blur import gaussian_blur
-from .transforms import affine_theta, similarity_theta
+from .transforms import affine_theta, compose, identity_theta, similarity_theta
 
 TRANSFORMS = ("similarity", "affine")
 PADDING_MODES = ("zeros", "border", "reflection")
@@ -29,6 +31,11 @@ class STN(nn.Module):
     upper-triangular matrix with positive diagonal). Mirroring is impossible in both
     modes: a mirrored part is a defect. The head starts at the identity transform.
 
+    Every predicted transform is followed by a fixed `centring` transform (a buffer, saved
+    with the model; identity until train_stn sets it) that puts the training images' mean
+    pose at the identity: an STN trained on aligned images then leaves them where they are
+    instead of applying a constant zoom or shift of its own (see train_stn's `centre`).
+
     Args:
         transform: "similarity" (default) or "affine".
         loc_size: side of the localization net's input copy.
@@ -41,6 +48,8 @@ class STN(nn.Module):
             reflection 0.95).
         pool_size: side of the grid the last feature map is average-pooled to.
         highpass: sigma (localization-net pixels) of the high-pass on its input; 0 = off.
+        seed: seeds the initial weights (drawn from a private copy of torch's generator,
+            so the global one is untouched); None draws them from torch's global generator.
 
     Example:
         >>> stn = STN()
@@ -49,7 +58,8 @@ class STN(nn.Module):
 
     def __init__(self, transform: str = "similarity", loc_size: int = 64, width: int = 16,
                  max_translation: float = 0.5, max_log_scale: float = 0.5,
-                 padding_mode: str = "reflection", pool_size: int = 4, highpass: float = 2.0):
+                 padding_mode: str = "reflection", pool_size: int = 4, highpass: float = 2.0,
+                 seed: int | None = None):
         super().__init__()
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {TRANSFORMS}; got {transform!r}")
@@ -67,18 +77,24 @@ class STN(nn.Module):
                        "max_log_scale": float(max_log_scale), "padding_mode": padding_mode,
                        "pool_size": int(pool_size), "highpass": float(highpass)}
         channels = [5, width, width * 2, width * 4, width * 4]
-        layers = []
-        for cin, cout in zip(channels[:-1], channels[1:], strict=True):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout),
-                       nn.ReLU()]
-        self.features = nn.Sequential(*layers)
-        self.fc = nn.Sequential(nn.Linear(channels[-1] * pool_size ** 2, 64), nn.ReLU())
-        n_out = 5 if transform == "similarity" else 7
-        self.head = nn.Linear(64, n_out)
+        with _seeded(seed):
+            layers = []
+            for cin, cout in zip(channels[:-1], channels[1:], strict=True):
+                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout),
+                           nn.ReLU()]
+            self.features = nn.Sequential(*layers)
+            self.fc = nn.Sequential(nn.Linear(channels[-1] * pool_size ** 2, 64), nn.ReLU())
+            self.head = nn.Linear(64, 5 if transform == "similarity" else 7)
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():  # identity: (cos, sin) = (1, 0), everything else 0
             self.head.bias.zero_()
             self.head.bias[0] = 1.0
+        self.register_buffer("centring", identity_theta(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Model files written before the centring buffer existed: no centring (identity).
+        state_dict.setdefault(prefix + "centring", identity_theta(1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def predict_theta(self, x: torch.Tensor) -> torch.Tensor:
         """Theta [B, 2, 3] (affine_grid convention) for images x [B, 3, H, W] in [0, 1]."""
@@ -107,11 +123,13 @@ class STN(nn.Module):
         if self.config["transform"] == "similarity":
             shift = max_t * torch.tanh(out[:, 2:4] / max_t)
             log_scale = max_s * torch.tanh(out[:, 4] / max_s)
-            return similarity_theta(angle, shift, log_scale, aspect)
-        log_sx = max_s * torch.tanh(out[:, 2] / max_s)
-        log_sy = max_s * torch.tanh(out[:, 4] / max_s)
-        shift = max_t * torch.tanh(out[:, 5:7] / max_t)
-        return affine_theta(angle, log_sx, out[:, 3], log_sy, shift, aspect)
+            theta = similarity_theta(angle, shift, log_scale, aspect)
+        else:
+            log_sx = max_s * torch.tanh(out[:, 2] / max_s)
+            log_sy = max_s * torch.tanh(out[:, 4] / max_s)
+            shift = max_t * torch.tanh(out[:, 5:7] / max_t)
+            theta = affine_theta(angle, log_sx, out[:, 3], log_sy, shift, aspect)
+        return compose(theta, self.centring.to(theta.dtype).expand(theta.shape[0], 2, 3))
 
     def warp(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] sampled at theta [B, 2, 3] with this STN's padding mode."""
@@ -121,3 +139,39 @@ class STN(nn.Module):
         """Aligns x [B, 3, H, W] -> (aligned [B, 3, H, W], theta [B, 2, 3])."""
         theta = self.predict_theta(x)
         return self.warp(x, theta), theta
+
+
+class FixedWarp(nn.Module):
+    """One constant transform in place of an STN: the "fixed warp" control.
+
+    PaDiM behind FixedWarp(mean pose of a trained STN) gets the STN's padding and
+    resampling and its average zoom / shift, but no per-image alignment; comparing with it
+    tells alignment apart from what a constant resampling does to the scores.
+
+    Args:
+        theta: [1, 2, 3] (or [2, 3]) affine_grid matrix applied to every image.
+        padding_mode: affine_sample padding, as the STN's.
+    """
+
+    def __init__(self, theta: torch.Tensor, padding_mode: str = "reflection"):
+        super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        self.register_buffer("theta", theta.detach().float().reshape(1, 2, 3).clone())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 3, H, W] -> (warped [B, 3, H, W], theta [B, 2, 3])."""
+        theta = self.theta.to(x.dtype).expand(x.shape[0], 2, 3)
+        return affine_sample(x, theta, padding_mode=self.padding_mode), theta
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Torch's global generator seeded with `seed` inside, restored afterwards (None: as is)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -20,7 +20,7 @@ import math
 import torch
 
 from ...ops.affine_sample import affine_sample
-from .transforms import compose, similarity_theta
+from .transforms import compose, least_squares_shift, similarity_theta
 
 
 def _prepare(images: torch.Tensor) -> torch.Tensor:
@@ -128,9 +128,6 @@ def congeal(images: torch.Tensor, iterations: int = 2,
 
 def _centre(poses: torch.Tensor, aspect: float) -> torch.Tensor:
     """poses @ T(g) with g = argmin sum_i |t_i + L_i g|^2 (least squares, closed form)."""
-    linear, t = poses[:, :, :2], poses[:, :, 2]
-    lhs = (linear.transpose(1, 2) @ linear).sum(0)
-    rhs = -(linear.transpose(1, 2) @ t[..., None]).sum(0)[:, 0]
-    g = torch.linalg.solve(lhs, rhs)
+    g = least_squares_shift(poses)
     zero = poses.new_zeros(poses.shape[0])
     return compose(poses, similarity_theta(zero, g.expand(poses.shape[0], 2), zero, aspect))

@@ -36,7 +36,7 @@ from ...ops.affine_sample import affine_sample
 from .losses import photometric_loss, pose_loss
 from .network import STN
 from .register import congeal, register
-from .transforms import compose, identity_theta, invert_theta, random_similarity, theta_pose
+from .transforms import centring_theta, compose, identity_theta, invert_theta, random_similarity, theta_pose
 
 OBJECTIVES = ("reconstruct", "canonical")
 # Defaults measured on synth part_drift / part_random (python/stn_ablation.py): reconstruct
@@ -54,7 +54,7 @@ def train_stn(stn: STN, images, objective: str = "reconstruct", epochs: int | No
               rotation: float | None = None, translation: float | None = None,
               scale: float | None = None, image_size: int | None = 64,
               augment_padding: str = "border", val_fraction: float = 0.2, patience: int = 8,
-              seed: int = 0, progress: bool = True) -> dict:
+              centre: bool = True, seed: int = 0, progress: bool = True) -> dict:
     """Trains `stn` in place, self-supervised, and returns its training history.
 
     Args:
@@ -78,13 +78,20 @@ def train_stn(stn: STN, images, objective: str = "reconstruct", epochs: int | No
             the STN cannot read A off black corners that real pose changes do not have).
         val_fraction: share of images held out for validation, never trained on.
         patience: stop after this many epochs without a better validation loss.
-        seed: seeds the split, the shuffling and the random transforms.
+        centre: after training, set the STN's centring transform so that the mean pose it
+            predicts over all the given images is the identity. Without it, an STN trained
+            on aligned images learns a constant warp of its own (measured on synth fabric:
+            a 3.7% zoom-in, which alone changed PaDiM's image AUROC from 0.930 to 0.996,
+            a resampling effect, not alignment); with it, aligned images stay where they are.
+        seed: seeds the split, the shuffling and the random transforms (the STN's initial
+            weights are seeded where it is built: STN(seed=...)).
         progress: show a tqdm bar with the loss and the validation MS-SSIM.
 
     Returns:
         history dict: train_loss, val_loss, val_msssim (lists per epoch), best_epoch,
-        epochs_run, seconds, train_indices, val_indices, and val_alignment (the
-        measure_alignment result of the best weights on the validation split).
+        epochs_run, seconds, train_indices, val_indices, centring (the mean pose removed:
+        rotation_deg, log_scale, translation; None without `centre`), and val_alignment
+        (the measure_alignment result of the final weights on the validation split).
     """
     _check_args(stn, objective, samples_per_epoch, batch_size, lr, alpha, beta, gamma,
                 val_fraction, patience, augment_padding)
@@ -146,11 +153,25 @@ def train_stn(stn: STN, images, objective: str = "reconstruct", epochs: int | No
                 break
     stn.load_state_dict(best_state)
     stn.eval()
+    history["centring"] = _centre(stn, data, batch_size) if centre else None
     history["epochs_run"] = len(history["train_loss"])
     history["seconds"] = time.perf_counter() - start
     history["val_alignment"] = measure_alignment(stn, val, objective, seed=seed + 2,
                                                  augment_padding=augment_padding, **ranges)
     return history
+
+
+@torch.no_grad()
+def _centre(stn: STN, images: torch.Tensor, batch_size: int) -> dict:
+    """Sets stn.centring so that its mean pose over `images` is the identity; returns the
+    mean pose that was removed (rotation_deg, log_scale, translation [2])."""
+    stn.centring.copy_(identity_theta(1, stn.centring.device))
+    theta = torch.cat([stn.predict_theta(x) for x in images.split(batch_size)])
+    aspect = images.shape[-1] / images.shape[-2]
+    stn.centring.copy_(centring_theta(theta, aspect))
+    pose = theta_pose(invert_theta(stn.centring), aspect)
+    return {"rotation_deg": pose["rotation_deg"].item(), "log_scale": pose["log_scale"].item(),
+            "translation": pose["translation"][0].tolist()}
 
 
 def _epoch_batches(n: int, samples: int, batch_size: int, gen: torch.Generator):

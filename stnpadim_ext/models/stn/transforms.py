@@ -122,6 +122,40 @@ def random_similarity(batch: int, rotation: float, translation: float, scale: fl
     return similarity_theta(angle, shift, log_scale, aspect).to(device)
 
 
+def least_squares_shift(theta: torch.Tensor) -> torch.Tensor:
+    """The output-frame shift g [2] minimising sum_i |t_i + L_i g|^2 over theta [N, 2, 3]
+    (L_i linear part, t_i translation): composing every theta with the translation g
+    centres them, i.e. the input points the output centres land on average out to 0."""
+    linear, t = theta[:, :, :2], theta[:, :, 2]
+    lhs = (linear.transpose(1, 2) @ linear).sum(0)
+    rhs = -(linear.transpose(1, 2) @ t[..., None]).sum(0)[:, 0]
+    return torch.linalg.solve(lhs, rhs)
+
+
+def centring_theta(theta: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
+    """C [1, 2, 3] such that compose(theta, C) over theta [N, 2, 3] is centred on the identity:
+    circular-mean rotation 0, mean log-scale 0, least-squares translation 0.
+
+    The inverse of C is the set's mean pose (see mean_pose). Computed in float64.
+    """
+    theta = theta.detach().double()
+    pose = theta_pose(theta, aspect)
+    angle = torch.deg2rad(pose["rotation_deg"])
+    mean_angle = torch.atan2(angle.sin().mean(), angle.cos().mean())
+    zero = theta.new_zeros(1)
+    linear = similarity_theta(-mean_angle[None], theta.new_zeros(1, 2),
+                              -pose["log_scale"].mean()[None], aspect)
+    # R^-1 S^-1 first (about the output centre), then the shift that centres the result.
+    shift = least_squares_shift(compose(theta, linear.expand(theta.shape[0], 2, 3)))
+    return compose(linear, similarity_theta(zero, shift[None], zero, aspect)).float()
+
+
+def mean_pose(theta: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
+    """The mean pose [1, 2, 3] of theta [N, 2, 3] (circular-mean rotation, mean log-scale,
+    least-squares translation): the one constant warp that stands for all of them."""
+    return invert_theta(centring_theta(theta, aspect))
+
+
 def theta_pose(theta: torch.Tensor, aspect: float = 1.0) -> dict[str, torch.Tensor]:
     """Rotation (degrees), log-scale and translation (normalised) of theta [B, 2, 3].
 
