@@ -69,12 +69,30 @@ def to_input_frame(maps: torch.Tensor, size: tuple[int, int],
             model grid's (the inverse of the STN / crop transform), or None when the model
             grid is just the resized input.
 
-    Input pixels whose source lies outside the model's view get 0 ("no evidence"): zeros
-    rather than border padding, so an edge value is never smeared over image regions the
-    model did not see; the image score (the max) is unaffected either way.
+    Input pixels whose source lies outside the model's view (corners the STN turned out of
+    the frame, the margin of a crop) take the value of the nearest pixel it did see (border
+    padding): 0 would call them perfectly normal although nobody looked. How much of each
+    image that is: `out_of_view_fraction`.
     """
     if theta is None:
         if tuple(maps.shape[-2:]) == tuple(size):
             return maps
         return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return affine_sample(maps[:, None], theta.to(maps.dtype), size=size, padding_mode="zeros")[:, 0]
+    return affine_sample(maps[:, None], theta.to(maps.dtype), size=size, padding_mode="border")[:, 0]
+
+
+def out_of_view_fraction(theta: torch.Tensor, grid: tuple[int, int],
+                         size: tuple[int, int]) -> torch.Tensor:
+    """Share of each input image's pixels that the model's view did not cover: [B].
+
+    Args:
+        theta: [B, 2, 3] as for `to_input_frame`.
+        grid: (S1, S2) of the model's input grid.
+        size: (H, W) of the input images.
+
+    A pixel counts as out of view when less than half of its bilinear sample falls inside
+    the model's grid.
+    """
+    ones = theta.new_ones(theta.shape[0], 1, *grid)
+    coverage = affine_sample(ones, theta, size=size, padding_mode="zeros")
+    return (coverage < 0.5).flatten(1).float().mean(1)

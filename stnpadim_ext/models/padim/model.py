@@ -35,7 +35,7 @@ from ...stats import GaussianStats, PatchGaussian
 from ..backbones import BACKBONES, build_backbone
 from ..stn import STN, invert_theta
 from . import validate
-from .anomaly_map import distance_to_map, to_input_frame
+from .anomaly_map import distance_to_map, out_of_view_fraction, to_input_frame
 from .calibration import Calibration, Decisions, conformal_calibration, decide
 from .export import export_onnx
 from .serialization import read_model_file, write_model_file
@@ -72,7 +72,7 @@ class PaDiM:
         device: "cpu", "cuda", "cuda:N" or a torch.device; default CUDA when available.
         center_crop: crop this side (or (H, W)) from the centre after resizing: the PaDiM
             paper's pre-processing is image_size=256, center_crop=224. Map pixels outside
-            the crop are 0.
+            the crop take the value of the nearest pixel inside it.
         batch_size: images per forward pass for tensors and path lists.
         backbone_dtype: "float32" (default), "float16" or "bfloat16": backbone compute
             precision; statistics and distances stay float32/float64. bfloat16 suits GPUs
@@ -309,6 +309,21 @@ class PaDiM:
         maps = distance_to_map(distance, self.grid, tuple(inputs.shape[-2:]), self.sigma)
         maps = to_input_frame(maps, tuple(output_size or x.shape[-2:]), theta)
         return maps.flatten(1).amax(1), maps
+
+    @torch.no_grad()
+    def out_of_view_fraction(self, x: torch.Tensor) -> torch.Tensor:
+        """Share of each image's pixels [B] (CPU) that the model did not see: corners the STN
+        turned out of the frame, the margin outside a centre crop. Their map values are
+        filled from the nearest seen pixels, so a defect there is found only if it reaches
+        into the view.
+
+        Args:
+            x: images [B, 3, H, W] in [0, 1].
+        """
+        inputs, theta = self._prepare(x)
+        if theta is None:
+            return torch.zeros(x.shape[0])
+        return out_of_view_fraction(theta, tuple(inputs.shape[-2:]), tuple(x.shape[-2:])).cpu()
 
     # ------------------------------------------------------------------ save / load
 
