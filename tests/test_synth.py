@@ -31,10 +31,13 @@ def _files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _part_mask(angle, shift, size=SIZE):
+def _part_mask(angle, shift, size=SIZE, scale=1.0, perspective=(0.0, 0.0), shape="bracket"):
     """Where the part is at this pose, from its signed distance function."""
-    part = synth._Part(np.random.default_rng(0), size)
-    return part.sdf(*synth._Grid(size, angle, shift).xy()) < 0
+    part = synth._Part(np.random.default_rng(0), size, shape=shape)
+    return part.sdf(*synth._Grid(size, angle, shift, scale, perspective).xy()) < 0
+
+
+HARDER = ("part_wide", "part_scale", "part_lit", "part_sym", "part_clutter")
 
 
 def test_layout_names_and_modes(dataset):
@@ -67,9 +70,9 @@ def test_layout_names_and_modes(dataset):
 
 def test_same_seed_same_bytes_independent_of_other_categories(dataset, tmp_path):
     root, _ = dataset
-    make_dataset(tmp_path / "a", categories=["part_drift", "grain"], seed=3, image_size=SIZE,
-                 progress=False, **COUNTS)
-    for name in ("part_drift", "grain"):
+    names = ["part_drift", "grain", "part_scale", "part_clutter"]
+    make_dataset(tmp_path / "a", categories=names, seed=3, image_size=SIZE, progress=False, **COUNTS)
+    for name in names:
         assert _files(tmp_path / "a" / name) == _files(root / name)
 
 
@@ -85,11 +88,12 @@ def test_other_seed_other_images(dataset, tmp_path):
 def test_mask_matches_defect_pixels_exactly():
     """The defect changes exactly the pixels of its mask (after 8-bit quantisation, all
     changes inside the mask, nearly all mask pixels changed)."""
-    for name in ("fabric", "grain", "mesh", "part_random"):
+    for name in ("fabric", "grain", "mesh", "part_random") + HARDER:
         family = synth._family(name, seed=11, size=96)
         for i, kind in enumerate(DEFECTS * 2):
             rng = np.random.default_rng([i, len(name)])
-            sample = family.render(rng, float(rng.uniform(-180, 180)), (1.0, -2.0))
+            scale, perspective = (1.12, (0.06, -0.05)) if name == "part_scale" else (1.0, (0.0, 0.0))
+            sample = family.render(rng, float(rng.uniform(-180, 180)), (1.0, -2.0), scale, perspective)
             image, mask = synth._add_defect(kind, sample, family, rng)
             changed = (synth._to_uint8(image) != synth._to_uint8(sample.image)).any(-1)
             assert mask.sum() >= 12, (name, kind)
@@ -110,11 +114,13 @@ def test_defect_sizes_visible_but_small(dataset):
 
 def test_object_defects_lie_on_the_part_at_its_recorded_pose(dataset):
     root, _ = dataset
-    for name in ("part_aligned", "part_drift", "part_random"):
+    for name in ("part_aligned", "part_drift", "part_random") + HARDER:
+        shape = CATEGORIES[name].get("shape", "bracket")
         for rel, entry in _meta(root, name)["images"].items():
             if entry["mask"]:
                 mask = np.asarray(Image.open(root / name / entry["mask"])) > 0
-                on_part = _part_mask(entry["angle"], entry["shift"])
+                on_part = _part_mask(entry["angle"], entry["shift"], SIZE, entry["scale"],
+                                     entry["perspective"], shape)
                 assert (mask <= on_part).all(), (name, rel)
 
 
@@ -134,6 +140,52 @@ def test_pose_ranges(dataset):
     angles = [e["angle"] for e in random]
     assert max(angles) - min(angles) > 180.0
     assert any(abs(e["angle"]) > 30.0 for r, e in poses["part_random"].items() if r.startswith("train"))
+
+
+def test_harder_pose_modes(dataset):
+    root, _ = dataset
+    for name in HARDER:  # training images stay aligned (part_sym: random, like part_random)
+        train = [e for r, e in _meta(root, name)["images"].items() if r.startswith("train")]
+        if CATEGORIES[name]["pose"] != "random":
+            assert all(abs(e["angle"]) <= 1.0 and e["scale"] == 1.0 for e in train), name
+    wide = [e for r, e in _meta(root, "part_wide")["images"].items() if r.startswith("test")]
+    assert all(abs(e["angle"]) <= synth.DRIFT_WIDE_DEG for e in wide)
+    assert any(abs(e["angle"]) > 40.0 for e in wide)  # beyond the reconstruct STN's +-40 deg
+    scaled = [e for r, e in _meta(root, "part_scale")["images"].items() if r.startswith("test")]
+    assert all(abs(e["scale"] - 1) <= synth.SCALE_CHANGE for e in scaled)
+    assert max(abs(e["scale"] - 1) for e in scaled) > 0.05
+    assert all(max(map(abs, e["perspective"])) <= synth.PERSPECTIVE for e in scaled)
+    assert any(max(map(abs, e["perspective"])) > 0.02 for e in scaled)
+    for e in scaled:  # theta holds the scale: its linear part is scale * rotation
+        linear = np.array(e["theta"])[:, :2]
+        assert np.allclose(np.linalg.det(linear), e["scale"] ** 2, atol=1e-5)
+
+
+def test_link_part_two_fold_symmetric_not_mirror_symmetric():
+    size = 96
+    base = _part_mask(0.0, (0.0, 0.0), size, shape="link")
+    turned = _part_mask(180.0, (0.0, 0.0), size, shape="link")
+    assert (base & turned).sum() / (base | turned).sum() > 0.99
+    for mirror in (base[:, ::-1], base[::-1]):
+        assert (base & mirror).sum() / (base | mirror).sum() < 0.8
+    family = synth._family("part_sym", seed=5, size=size)
+    a = family.render(np.random.default_rng(1), 0.0, (0.0, 0.0)).image
+    b = family.render(np.random.default_rng(1), 180.0, (0.0, 0.0)).image
+    assert np.abs(a - b).mean() < 0.005  # surface included: a half turn is not a defect
+
+
+def test_scene_lighting_stays_put_and_clutter_stays_off_the_part():
+    size = 96
+    lit = synth._family("part_lit", seed=5, size=size)
+    for angle in (0.0, 90.0, 180.0):  # the lamp does not turn with the part
+        image = lit.render(np.random.default_rng(1), angle, (0.0, 0.0)).image
+        assert image[:, :8].mean() > 1.3 * image[:, -8:].mean(), angle
+    cluttered = synth._family("part_clutter", seed=5, size=size)
+    a = cluttered.render(np.random.default_rng(1), 10.0, (0.0, 0.0))
+    b = cluttered.render(np.random.default_rng(2), 10.0, (0.0, 0.0))
+    diff = np.abs(a.image - b.image).max(-1)
+    assert (diff[a.sdf > 2] > 0.1).mean() > 0.02        # clutter differs on the ground
+    assert diff[a.sdf < -2].max() < 0.15                 # the part itself: gain and noise only
 
 
 def test_theta_warps_image_back_to_canonical_pose(dataset):

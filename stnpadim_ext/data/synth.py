@@ -15,9 +15,12 @@ categories or counts were asked for, and the same seed gives the same bytes.
 
 Pose convention (also written into meta.json): `angle` in degrees, counter-clockwise as seen
 on screen, about the image centre; `shift` = [dx, dy] in pixels (x right, y down) of the
-object origin from the image centre; `theta` is the 2x3 matrix in the normalised
-coordinates of `affine_grid(align_corners=False)` mapping the canonical frame into the
-image, so `affine_sample(image, theta)` shows the object in its canonical pose.
+object origin from the image centre; `scale` the object's size factor; `theta` is the 2x3
+matrix in the normalised coordinates of `affine_grid(align_corners=False)` mapping the
+canonical frame into the image, so `affine_sample(image, theta)` shows the object in its
+canonical pose. `perspective` = [a, b] (drift_scale only, else [0, 0]): the image point q
+(normalised) shows what the affine pose puts at q / (1 + a q_x + b q_y); theta is the
+affine part only.
 """
 from __future__ import annotations
 
@@ -42,16 +45,26 @@ DEFECTS = ("scratch", "hole", "stain", "cut_paste")
 MAX_IMAGE_SIZE = 4096
 
 # pose modes: how each split is posed. "aligned" still jitters by a pixel or a degree, as a
-# real fixture does; "drift" moves only the test images (good and defective alike).
+# real fixture does; "drift" moves only the test images (good and defective alike);
+# "drift_wide" drifts further than the reconstruct STN is trained for (+-40 deg);
+# "drift_scale" adds a scale change and a mild perspective tilt to the drift.
 POSE_MODES = {
     "aligned": {"train": "jitter", "test": "jitter"},
     "drift": {"train": "jitter", "test": "drift"},
+    "drift_wide": {"train": "jitter", "test": "drift_wide"},
+    "drift_scale": {"train": "jitter", "test": "drift_scale"},
     "random": {"train": "random", "test": "random"},
 }
 JITTER_DEG, JITTER_PX = 1.0, 1.0
 DRIFT_DEG = 30.0
-SHIFT_FRACTION = 0.04  # of the image size, for "drift" and "random"
+DRIFT_WIDE_DEG = 60.0
+SCALE_CHANGE = 0.15     # "drift_scale": scale factor uniform in [1 - 0.15, 1 + 0.15]
+PERSPECTIVE = 0.08      # "drift_scale": projective coefficients uniform in [-0.08, 0.08]
+SHIFT_FRACTION = 0.04  # of the image size, for the drifting and random modes
 
+# Harder part variants (options of the "part" family): lighting "scene" is fixed in the
+# image frame and does not turn with the part; shape "link" has 2-fold rotational symmetry
+# (its canonical pose is ambiguous); clutter puts random objects on the background.
 CATEGORIES = {
     "fabric": {"kind": "texture", "family": "fabric", "pose": "aligned"},
     "grain": {"kind": "texture", "family": "grain", "pose": "aligned"},
@@ -59,13 +72,20 @@ CATEGORIES = {
     "part_aligned": {"kind": "object", "family": "part", "pose": "aligned"},
     "part_drift": {"kind": "object", "family": "part", "pose": "drift"},
     "part_random": {"kind": "object", "family": "part", "pose": "random"},
+    "part_wide": {"kind": "object", "family": "part", "pose": "drift_wide"},
+    "part_scale": {"kind": "object", "family": "part", "pose": "drift_scale"},
+    "part_lit": {"kind": "object", "family": "part", "pose": "drift", "lighting": "scene"},
+    "part_sym": {"kind": "object", "family": "part", "pose": "random", "shape": "link"},
+    "part_clutter": {"kind": "object", "family": "part", "pose": "drift", "clutter": True},
 }
 
 POSE_CONVENTION = (
     "angle: degrees, counter-clockwise on screen, about the image centre; shift: [dx, dy] "
     "pixels (x right, y down) of the object origin from the image centre; theta: 2x3 "
     "affine_grid matrix (normalised coordinates, align_corners=False) mapping the canonical "
-    "frame into this image, so grid_sample(image, affine_grid(theta)) is the canonical pose")
+    "frame into this image, so grid_sample(image, affine_grid(theta)) is the canonical pose; "
+    "scale: size factor (in theta); perspective: [a, b], image point q shows the affine pose's "
+    "q / (1 + a q_x + b q_y) (not in theta)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -206,11 +226,12 @@ def _write_category(out: Path, name: str, mode: str, seed: int, size: int, count
     jobs += [("test", d, i) for d in DEFECTS for i in range(n_test_defect)]
     for split, kind, i in jobs:
         rng = _rng(seed, name, split, kind, i)
-        angle, shift = _sample_pose(rng, POSE_MODES[mode][split], size)
-        sample = family.render(rng, angle, shift)
+        angle, shift, scale, perspective = _sample_pose(rng, POSE_MODES[mode][split], size)
+        sample = family.render(rng, angle, shift, scale, perspective)
         rel = f"{split}/{kind}/{i:03d}.png"
         entry = {"angle": round(angle, 6), "shift": [round(shift[0], 6), round(shift[1], 6)],
-                 "theta": _theta(angle, shift, size), "defect": None, "mask": None}
+                 "scale": round(scale, 6), "perspective": [round(p, 6) for p in perspective],
+                 "theta": _theta(angle, shift, size, scale), "defect": None, "mask": None}
         image = sample.image
         if kind != "good":
             image, mask = _add_defect(kind, sample, family, rng)
@@ -231,19 +252,25 @@ def _rng(seed: int, name: str, *key) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=words))
 
 
-def _sample_pose(rng: np.random.Generator, kind: str, size: int) -> tuple[float, tuple[float, float]]:
+def _sample_pose(rng: np.random.Generator, kind: str, size: int):
+    """(angle, (dx, dy), scale, (a, b)) of one image; see POSE_CONVENTION."""
     if kind == "jitter":
         deg, shift = JITTER_DEG, JITTER_PX
         angle = rng.uniform(-deg, deg)
     else:
         shift = SHIFT_FRACTION * size
-        angle = rng.uniform(-DRIFT_DEG, DRIFT_DEG) if kind == "drift" else rng.uniform(-180.0, 180.0)
+        deg = {"drift": DRIFT_DEG, "drift_scale": DRIFT_DEG, "drift_wide": DRIFT_WIDE_DEG}.get(kind, 180.0)
+        angle = rng.uniform(-deg, deg)
     dx, dy = rng.uniform(-shift, shift, size=2)
-    return float(angle), (float(dx), float(dy))
+    scale, perspective = 1.0, (0.0, 0.0)
+    if kind == "drift_scale":  # drawn after the rest: the other modes' draws stay as they were
+        scale = rng.uniform(1.0 - SCALE_CHANGE, 1.0 + SCALE_CHANGE)
+        perspective = tuple(float(p) for p in rng.uniform(-PERSPECTIVE, PERSPECTIVE, size=2))
+    return float(angle), (float(dx), float(dy)), float(scale), perspective
 
 
-def _theta(angle: float, shift, size: int) -> list[list[float]]:
-    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+def _theta(angle: float, shift, size: int, scale: float = 1.0) -> list[list[float]]:
+    c, s = scale * math.cos(math.radians(angle)), scale * math.sin(math.radians(angle))
     tx, ty = (2.0 * shift[0] / size, 2.0 * shift[1] / size)
     return [[round(c, 8), round(s, 8), round(tx, 8)], [round(-s, 8), round(c, 8), round(ty, 8)]]
 
@@ -274,27 +301,39 @@ class _Sample:
 
 
 class _Grid:
-    """The pixel grid of one image in canonical-frame coordinates, an affine map of the
-    pixel indices: p_can = R^T (p_img - t), p_img the normalised pixel centre
-    (align_corners=False), R = [[c, s], [-s, c]] (counter-clockwise on screen, y down).
+    """The pixel grid of one image in canonical-frame coordinates: p_can = R^T (q - t) / s
+    with q = p_img / (1 + a x_img + b y_img), p_img the normalised pixel centre
+    (align_corners=False), R = [[c, s], [-s, c]] (counter-clockwise on screen, y down), s
+    the scale, (a, b) the perspective. Without perspective an affine map of the pixel
+    indices (`affine`), which _Field exploits.
     """
 
-    def __init__(self, size: int, angle: float = 0.0, shift=(0.0, 0.0)):
+    def __init__(self, size: int, angle: float = 0.0, shift=(0.0, 0.0), scale: float = 1.0,
+                 perspective=(0.0, 0.0)):
         c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
         step = 2.0 / size
         x0 = step / 2 - 1.0 - 2.0 * shift[0] / size  # pixel (0, 0), image frame, minus t
         y0 = step / 2 - 1.0 - 2.0 * shift[1] / size
-        self.size = size
-        self.origin = (c * x0 - s * y0, s * x0 + c * y0)
-        self.d_col = (c * step, s * step)  # canonical displacement of one column step
-        self.d_row = (-s * step, c * step)
+        self.size, self.perspective = size, tuple(perspective)
+        self.affine = self.perspective == (0.0, 0.0)
+        self._pose = (c, s, 2.0 * shift[0] / size, 2.0 * shift[1] / size, scale)
+        self.origin = ((c * x0 - s * y0) / scale, (s * x0 + c * y0) / scale)
+        self.d_col = (c * step / scale, s * step / scale)  # canonical step of one column
+        self.d_row = (-s * step / scale, c * step / scale)
 
     def xy(self) -> tuple[np.ndarray, np.ndarray]:
         """Canonical coordinates of every pixel, [size, size] each (rows = image y)."""
         idx = np.arange(self.size, dtype=np.float64)
         col, row = idx[None, :], idx[:, None]
-        x = self.origin[0] + self.d_col[0] * col + self.d_row[0] * row
-        y = self.origin[1] + self.d_col[1] * col + self.d_row[1] * row
+        if self.affine:
+            x = self.origin[0] + self.d_col[0] * col + self.d_row[0] * row
+            y = self.origin[1] + self.d_col[1] * col + self.d_row[1] * row
+            return x.astype(np.float32), y.astype(np.float32)
+        c, s, tx, ty, scale = self._pose
+        qx, qy = (col + 0.5) * 2.0 / self.size - 1.0, (row + 0.5) * 2.0 / self.size - 1.0
+        w = 1.0 + self.perspective[0] * qx + self.perspective[1] * qy
+        px, py = qx / w - tx, qy / w - ty
+        x, y = (c * px - s * py) / scale, (s * px + c * py) / scale
         return x.astype(np.float32), y.astype(np.float32)
 
 
@@ -318,6 +357,10 @@ class _Field:
     def __call__(self, grid: _Grid, offset=(0.0, 0.0)) -> np.ndarray:
         """Field at the grid's canonical coordinates + offset, float32 [size, size]."""
         kx, ky = self.k
+        if not grid.affine:  # perspective: no factorisation, one cosine per pixel and wave
+            x, y = grid.xy()
+            phase = ((x[..., None] + offset[0]) * kx + (y[..., None] + offset[1]) * ky + self.phase)
+            return (np.cos(phase) @ self.amp).astype(np.float32)
         start = kx * (grid.origin[0] + offset[0]) + ky * (grid.origin[1] + offset[1]) + self.phase
         per_col = kx * grid.d_col[0] + ky * grid.d_col[1]
         per_row = kx * grid.d_row[0] + ky * grid.d_row[1]
@@ -328,9 +371,12 @@ class _Field:
 
 
 def _family(name: str, seed: int, size: int):
-    family = CATEGORIES[name]["family"]
+    spec = CATEGORIES[name]
     rng = _rng(seed, name, "family")
-    return {"fabric": _Fabric, "grain": _Grain, "mesh": _Mesh, "part": _Part}[family](rng, size)
+    if spec["family"] == "part":
+        return _Part(rng, size, shape=spec.get("shape", "bracket"),
+                     lighting=spec.get("lighting", "part"), clutter=spec.get("clutter", False))
+    return {"fabric": _Fabric, "grain": _Grain, "mesh": _Mesh}[spec["family"]](rng, size)
 
 
 class _Texture:
@@ -343,8 +389,8 @@ class _Texture:
         self.size = size
         self.noise = 0.008  # sensor noise, std
 
-    def render(self, rng, angle: float, shift) -> _Sample:
-        grid = _Grid(self.size, angle, shift)
+    def render(self, rng, angle: float, shift, scale: float = 1.0, perspective=(0.0, 0.0)) -> _Sample:
+        grid = _Grid(self.size, angle, shift, scale, perspective)
         image = self.shade(grid, tuple(rng.uniform(-50.0, 50.0, size=2)))
         image = image + rng.normal(0.0, self.noise, image.shape).astype(np.float32)
         return _Sample(np.clip(image, 0.0, 1.0), np.ones(image.shape[:2], bool))
@@ -429,17 +475,27 @@ class _Mesh(_Texture):
 
 
 class _Part:
-    """A machined L-bracket (two holes, a notch, an engraved mark, brushed surface) on a
-    mildly textured ground, drawn from its signed distance function.
+    """A machined part (brushed surface) on a mildly textured ground, drawn from its signed
+    distance function.
+
+    shape "bracket": an L-bracket with two holes, a notch and an engraved mark; no rotation
+    or mirror maps it onto itself. shape "link": a Z-shaped link with two holes, the same
+    after a half turn (2-fold rotational symmetry, surface included), not mirror-symmetric.
+    lighting "part": a painted shading gradient that turns with the part; "scene": a strong
+    light gradient fixed in the image frame instead, over part and ground alike.
+    clutter: 3-6 random discs and bars on the ground of each image (under the part, never
+    on it, so defect masks stay exact).
 
     In the canonical frame (normalised units) the part fits in a disc of radius 0.78, so
-    with a shift of at most SHIFT_FRACTION of the size it stays inside the frame at any angle.
+    with a shift of at most SHIFT_FRACTION of the size it stays inside the frame at any
+    angle (and at 1.15x scale, in the drift_scale range of angles).
     """
 
     kind = "object"
 
-    def __init__(self, rng, size):
-        self.size = size
+    def __init__(self, rng, size, shape: str = "bracket", lighting: str = "part",
+                 clutter: bool = False):
+        self.size, self.shape, self.lighting, self.clutter = size, shape, lighting, clutter
         self.brush = _Field(rng, 48, 25.0, 60.0, stretch=(0.05, 1.0))
         self.ground_field = _Field(rng, 24, 0.5, 2.0)
         self.ground_fine = _Field(rng, 48, 20.0, 40.0)
@@ -449,6 +505,12 @@ class _Part:
 
     def sdf(self, x, y) -> np.ndarray:
         """Signed distance (normalised units, negative inside) in the canonical frame."""
+        if self.shape == "link":
+            body = _box(x, y, (0.0, 0.0), (0.55, 0.24), 0.08)
+            arms = np.minimum(_box(x, y, (0.36, 0.27), (0.14, 0.2), 0.06),
+                              _box(x, y, (-0.36, -0.27), (0.14, 0.2), 0.06))
+            holes = np.minimum(_circle(x, y, (-0.38, 0.0), 0.08), _circle(x, y, (0.38, 0.0), 0.08))
+            return np.maximum(np.minimum(body, arms), -holes)
         body = _box(x, y, (-0.10, 0.0), (0.55, 0.24), 0.08)
         arm = _box(x, y, (0.30, 0.26), (0.16, 0.38), 0.08)
         d = np.minimum(body, arm)
@@ -456,24 +518,32 @@ class _Part:
         notch = _box(x, y, (0.02, -0.26), (0.05, 0.09), 0.0)
         return np.maximum(d, -np.minimum(holes, notch))
 
-    def render(self, rng, angle: float, shift) -> _Sample:
+    def render(self, rng, angle: float, shift, scale: float = 1.0, perspective=(0.0, 0.0)) -> _Sample:
         size = self.size
-        grid = _Grid(size, angle, shift)
+        grid = _Grid(size, angle, shift, scale, perspective)
         x, y = grid.xy()
-        px = size / 2.0  # pixels per normalised unit
+        px = size / 2.0 * scale  # pixels per normalised canonical unit
         sdf = self.sdf(x, y) * px
         # ground: mild illumination gradient and grain, the part's soft shadow
         still = _Grid(size)
         ground = 1.0 + 0.06 * self.ground_field(still) + 0.03 * self.ground_fine(still)
-        xs, ys = _Grid(size, angle, (shift[0] - 0.02 * size, shift[1] - 0.025 * size)).xy()
+        xs, ys = _Grid(size, angle, (shift[0] - 0.02 * size, shift[1] - 0.025 * size), scale,
+                       perspective).xy()
         shadow = np.clip(0.5 - self.sdf(xs, ys) * px / (0.04 * size), 0.0, 1.0)
         back = self.ground * (ground * (1.0 - 0.45 * shadow))[..., None]
+        if self.clutter:
+            back = _add_clutter(back, rng)
         # metal: brushed along the part's long axis, a painted shading gradient, an engraved
         # mark and a lit bevel along the edge (its look depends on the pose, as in reality)
         gain = rng.uniform(0.97, 1.03)
-        metal = gain * (0.92 + 0.035 * self.brush(grid) + 0.08 * x - 0.05 * y)
-        mark = _box(x, y, (-0.12, 0.11), (0.14, 0.022), 0.01) * px
-        metal = metal * (1.0 - 0.25 * np.clip(0.5 - mark, 0.0, 1.0))
+        if self.shape == "link":  # symmetric surface: the brush and its half-turned copy
+            turned = _Grid(size, angle + 180.0, shift, scale, perspective)
+            metal = gain * (0.92 + 0.025 * (self.brush(grid) + self.brush(turned)))
+        else:
+            painted = 0.08 * x - 0.05 * y if self.lighting == "part" else 0.0
+            metal = gain * (0.92 + 0.035 * self.brush(grid) + painted)
+            mark = _box(x, y, (-0.12, 0.11), (0.14, 0.022), 0.01) * px
+            metal = metal * (1.0 - 0.25 * np.clip(0.5 - mark, 0.0, 1.0))
         gy, gx = np.gradient(sdf)
         facing = (gx * self.light[0] + gy * self.light[1]) / (np.hypot(gx, gy) + 1e-6)
         bevel = np.clip(1.0 + sdf / max(1.5, 0.025 * size), 0.0, 1.0)
@@ -481,9 +551,31 @@ class _Part:
         front = self.metal * metal[..., None]
         cover = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
         image = back * (1.0 - cover) + front * cover
+        if self.lighting == "scene":  # a lamp at the left: +-25% across the image, fixed
+            ix, iy = _Grid(size).xy()
+            image = image * (1.0 - 0.25 * ix + 0.1 * iy)[..., None]
         image = image + rng.normal(0.0, 0.008, image.shape).astype(np.float32)
         interior = sdf < -1.5  # pixels a defect may touch: well inside, off the anti-aliased rim
         return _Sample(np.clip(image, 0.0, 1.0).astype(np.float32), interior, sdf)
+
+
+def _add_clutter(back: np.ndarray, rng) -> np.ndarray:
+    """3-6 random discs and bars (grey or tinted, 4-12% of the side) painted on `back`."""
+    size = back.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = back.copy()
+    for _ in range(int(rng.integers(3, 7))):
+        cx, cy = rng.uniform(0, size, size=2)
+        radius = rng.uniform(0.04, 0.12) * size
+        if rng.uniform() < 0.5:
+            inside = np.hypot(xx - cx, yy - cy) < radius
+        else:
+            turn = rng.uniform(0.0, math.pi)
+            u = math.cos(turn) * (xx - cx) + math.sin(turn) * (yy - cy)
+            v = -math.sin(turn) * (xx - cx) + math.cos(turn) * (yy - cy)
+            inside = (np.abs(u) < radius) & (np.abs(v) < 0.25 * radius)
+        out[inside] = rng.uniform(0.1, 0.6) * rng.uniform(0.8, 1.2, size=3).astype(np.float32)
+    return out
 
 
 def _box(x, y, centre, half, r):
