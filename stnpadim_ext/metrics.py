@@ -131,6 +131,30 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------
 
 
+def bootstrap_interval(values, confidence: float = 0.95, n_resamples: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (e.g. one metric over seeds).
+
+    Args:
+        values: 1-D, at least one finite number.
+        confidence: coverage of the interval.
+        n_resamples: bootstrap resamples (with replacement, same size as values).
+        seed: seeds the resampling, so the interval is reproducible.
+
+    Returns:
+        (low, high). With 5 values it is coarse: it shows the spread of the runs made,
+        not the distribution of every possible run.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0 or not np.isfinite(values).all():
+        raise InputError(f"bootstrap_interval needs finite values; got {values.tolist()}")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, (n_resamples, values.size))].mean(1)
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def _as_array(x, name: str) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu().numpy()

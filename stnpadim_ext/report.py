@@ -25,6 +25,7 @@ from PIL import Image, PngImagePlugin
 from scipy import ndimage
 
 from .errors import InputError
+from .metrics import bootstrap_interval
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
 # The columns of the printed table, as in the paper's Table 1 (plus AUPRO).
@@ -265,13 +266,53 @@ def summarize(categories: dict[str, dict]) -> dict:
     return {"categories": dict(categories), "mean": mean}
 
 
+def aggregate_runs(runs: list[dict]) -> dict:
+    """One metrics dict from several runs (seeds) of the same arm and category.
+
+    Every numeric key becomes its mean over the runs, with <key>_sd (sample standard
+    deviation, 0 for one run), <key>_ci95 ([low, high], bootstrap_interval of the mean) and
+    <key>_runs (the values). Keys that are None in some run aggregate the others; None in
+    all runs stays None.
+    """
+    keys = list(dict.fromkeys(k for run in runs for k in run))
+    out = {"n_runs": len(runs)}
+    for key in keys:
+        values = [run.get(key) for run in runs]
+        numbers = [v for v in values if _is_number(v)]
+        if not numbers:
+            if all(v is None for v in values):
+                out[key] = None
+            continue
+        out[key] = float(np.mean(numbers))
+        out[f"{key}_sd"] = float(np.std(numbers, ddof=1)) if len(numbers) > 1 else 0.0
+        out[f"{key}_ci95"] = list(bootstrap_interval(numbers))
+        out[f"{key}_runs"] = numbers
+    return out
+
+
+def summarize_runs(categories: dict[str, list[dict]]) -> dict:
+    """Results over several runs: {"categories": {c: aggregate_runs(runs)}, "mean": ...}.
+
+    Run i of every category belongs to one seed; the mean row aggregates the per-seed
+    means over categories (so its sd is the spread of the mean, not a mean of spreads).
+    """
+    n_runs = {len(runs) for runs in categories.values()}
+    if len(n_runs) != 1:
+        raise ValueError(f"every category needs the same number of runs; got {sorted(n_runs)}")
+    means = [summarize({c: runs[i] for c, runs in categories.items()})["mean"]
+             for i in range(n_runs.pop())]
+    return {"categories": {c: aggregate_runs(runs) for c, runs in categories.items()},
+            "mean": aggregate_runs(means)}
+
+
 def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_METRICS),
                    groups: dict[str, list[str]] | None = None, digits: int = 3) -> str:
     """The Table-1-style comparison: one row per category, a column per metric and arm.
 
     Args:
         arms: {label: results} in column order, e.g. {"PaDiM": ..., "STN+PaDiM": ...};
-            each results dict as written by `summarize`.
+            each results dict as written by `summarize`. A metric with a <metric>_sd
+            beside it (results over several seeds) prints as "mean ± sd".
         metrics: metric keys to show (TABLE_METRICS and DECISION_METRICS give headers).
         groups: optional {name: categories} adding a mean row per group (e.g. textures,
             objects) before the overall mean row.
@@ -288,7 +329,8 @@ def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_M
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
 
     def row(name: str, values_of) -> str:
-        cells = [_fmt(values_of(label).get(m), digits) for m in metrics for label in labels]
+        cells = [_fmt(values_of(label).get(m), digits, values_of(label).get(f"{m}_sd"))
+                 for m in metrics for label in labels]
         return "| " + " | ".join([name] + cells) + " |"
 
     for category in categories:
@@ -303,8 +345,10 @@ def markdown_table(arms: dict[str, dict], metrics: Iterable[str] = tuple(TABLE_M
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value, digits: int) -> str:
-    return f"{value:.{digits}f}" if _is_number(value) else "n/a"
+def _fmt(value, digits: int, sd=None) -> str:
+    if not _is_number(value):
+        return "n/a"
+    return f"{value:.{digits}f} ± {sd:.{digits}f}" if _is_number(sd) else f"{value:.{digits}f}"
 
 
 def _is_number(value) -> bool:

@@ -6,7 +6,15 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from stnpadim_ext.errors import InputError
-from stnpadim_ext.metrics import aupro, image_auroc, image_f1, pixel_auroc, roc_curve, threshold_metrics
+from stnpadim_ext.metrics import (
+    aupro,
+    bootstrap_interval,
+    image_auroc,
+    image_f1,
+    pixel_auroc,
+    roc_curve,
+    threshold_metrics,
+)
 
 
 @pytest.fixture
@@ -174,3 +182,15 @@ def test_roc_curve_matches_auroc():
     fpr, tpr = roc_curve(labels, scores)
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
     assert np.trapezoid(tpr, fpr) == pytest.approx(image_auroc(labels, scores))
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [0.91, 0.95, 0.88, 0.97, 0.93]
+    low, high = bootstrap_interval(values)
+    assert (low, high) == bootstrap_interval(values)            # same seed, same interval
+    assert min(values) <= low < np.mean(values) < high <= max(values)
+    narrow = bootstrap_interval(values, confidence=0.5)
+    assert low <= narrow[0] and narrow[1] <= high
+    assert bootstrap_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)
+    with pytest.raises(InputError, match="finite"):
+        bootstrap_interval([0.5, float("nan")])

@@ -12,12 +12,14 @@ from PIL import Image
 
 from stnpadim_ext.errors import InputError
 from stnpadim_ext.report import (
+    aggregate_runs,
     atomic_file,
     colorize,
     markdown_table,
     mask_overlay,
     overlay,
     summarize,
+    summarize_runs,
     write_image,
     write_json,
     write_scores_csv,
@@ -124,6 +126,33 @@ def test_summarize_means_skip_missing_values():
     assert result["categories"] == categories
     assert result["mean"]["image_auroc"] == pytest.approx(np.mean([m["image_auroc"] for m in categories.values()]))
     assert result["mean"]["aupro"] == pytest.approx(np.mean([categories[c]["aupro"] for c in "ab"]))
+
+
+def test_aggregate_runs_mean_sd_interval():
+    runs = [{"image_auroc": 0.9, "aupro": None, "fit_seconds": 2.0},
+            {"image_auroc": 0.8, "aupro": None, "fit_seconds": 4.0},
+            {"image_auroc": 1.0, "aupro": None, "fit_seconds": 3.0}]
+    out = aggregate_runs(runs)
+    assert out["n_runs"] == 3 and out["aupro"] is None and "aupro_sd" not in out
+    assert out["image_auroc"] == pytest.approx(0.9) and out["image_auroc_sd"] == pytest.approx(0.1)
+    assert out["image_auroc_runs"] == [0.9, 0.8, 1.0]
+    low, high = out["image_auroc_ci95"]
+    assert 0.8 <= low < 0.9 < high <= 1.0
+    assert aggregate_runs(runs[:1])["image_auroc_sd"] == 0.0
+
+
+def test_summarize_runs_mean_row_is_the_spread_of_per_seed_means():
+    categories = {"a": [{"image_auroc": 0.5}, {"image_auroc": 0.7}],
+                  "b": [{"image_auroc": 0.9}, {"image_auroc": 0.7}]}
+    result = summarize_runs(categories)
+    assert result["categories"]["a"]["image_auroc"] == pytest.approx(0.6)
+    # per-seed means 0.7 and 0.7: no spread, although each category has one
+    assert result["mean"]["image_auroc"] == pytest.approx(0.7)
+    assert result["mean"]["image_auroc_sd"] == pytest.approx(0.0)
+    table = markdown_table({"PaDiM": result}, metrics=("image_auroc",))
+    assert "| a | 0.600 ± 0.141 |" in table
+    with pytest.raises(ValueError, match="same number of runs"):
+        summarize_runs({"a": [{}], "b": [{}, {}]})
 
 
 def test_markdown_table_rows_columns_and_means():
