@@ -34,7 +34,9 @@ FIT = ["--stn", "none", "--image-size", str(SIZE)]
 THRESHOLD_KEYS = {"threshold", "false_reject_rate", "miss_rate", "precision", "recall",
                   "f1_at_threshold"}
 METRIC_KEYS = {"image_auroc", "pixel_auroc", "aupro", "image_f1", "fit_seconds",
-               "images_per_second"} | THRESHOLD_KEYS
+               "images_per_second", "out_of_view_fraction"} | THRESHOLD_KEYS
+GAIN_KEYS = {"image_auroc_gain", "pixel_auroc_gain"}
+TIMING_KEYS = ("fit_seconds", "images_per_second")
 
 
 @pytest.fixture(scope="module")
@@ -291,20 +293,67 @@ def test_eval_json_format_and_table(data, tmp_path, capsys):
     assert "false-reject rate PaDiM" in table and "miss rate PaDiM" in table
 
 
-def test_eval_with_stn_compares_padim_and_stn_padim(data, tmp_path, capsys, quick_stn):
+def test_eval_with_stn_compares_padim_fixed_warp_and_stn_padim(data, tmp_path, capsys, quick_stn):
     json_path = tmp_path / "results.json"
     assert main(["eval", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
                  "--stn-epochs", "1", "--image-size", str(SIZE), "--json", str(json_path)]) == 0
     table = capsys.readouterr().out
     header = table.splitlines()[0]
-    for column in ("image AUROC PaDiM", "image AUROC STN+PaDiM", "pixel AUROC PaDiM",
-                   "pixel AUROC STN+PaDiM"):
+    for column in ("image AUROC PaDiM", "image AUROC fixed warp", "image AUROC STN+PaDiM",
+                   "pixel AUROC PaDiM", "pixel AUROC fixed warp", "pixel AUROC STN+PaDiM"):
         assert column in header
     results = json.loads(json_path.read_text())
-    assert set(results) == {"categories", "mean", "baseline"}
-    assert set(results["categories"]["part_drift"]) == METRIC_KEYS
+    assert set(results) == {"categories", "mean", "baseline", "fixed_warp"}
+    stn = results["categories"]["part_drift"]
+    assert set(stn) == METRIC_KEYS | GAIN_KEYS
     assert set(results["baseline"]["categories"]["part_drift"]) == METRIC_KEYS
+    assert set(results["fixed_warp"]["categories"]["part_drift"]) == METRIC_KEYS
+    controls = [results[arm]["categories"]["part_drift"]["image_auroc"] for arm in ("baseline", "fixed_warp")]
+    assert stn["image_auroc_gain"] == pytest.approx(stn["image_auroc"] - max(controls))
+    assert 0 <= stn["out_of_view_fraction"] < 0.5
+    assert results["baseline"]["categories"]["part_drift"]["out_of_view_fraction"] == 0
     assert "false-reject rate STN+PaDiM" in table
+
+
+def _without_timings(results):
+    if isinstance(results, dict):
+        return {k: _without_timings(v) for k, v in results.items() if not k.startswith(TIMING_KEYS)}
+    return results
+
+
+def test_eval_with_stn_is_reproducible(data, tmp_path, quick_stn):
+    """Same seed, same thread count: the same models and so the same numbers, bit for bit
+    (only the timings differ)."""
+    runs = []
+    for i in range(2):
+        json_path = tmp_path / f"run{i}.json"
+        torch.manual_seed(i)  # torch's global generator must not matter
+        assert main(["eval", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
+                     "--stn-epochs", "1", "--image-size", str(SIZE), "--seed", "5",
+                     "--json", str(json_path)]) == 0
+        runs.append(_without_timings(json.loads(json_path.read_text())))
+    assert runs[0] == runs[1]
+
+
+def test_eval_seeds_report_mean_sd_and_interval(data, tmp_path, capsys):
+    json_path = tmp_path / "seeds.json"
+    assert main(["eval", "--data", str(data), "--category", "fabric", *FIT, "--seeds", "3",
+                 "--json", str(json_path)]) == 0
+    assert " ± " in capsys.readouterr().out
+    metrics = json.loads(json_path.read_text())["categories"]["fabric"]
+    runs = metrics["image_auroc_runs"]
+    assert len(runs) == 3 and metrics["n_runs"] == 3
+    assert metrics["image_auroc"] == pytest.approx(np.mean(runs))
+    assert metrics["image_auroc_sd"] == pytest.approx(np.std(runs, ddof=1))
+    low, high = metrics["image_auroc_ci95"]
+    assert min(runs) <= low <= metrics["image_auroc"] <= high <= max(runs)
+    for key in ("pixel_auroc", "aupro", "image_f1"):
+        assert f"{key}_sd" in metrics
+
+
+def test_eval_seeds_with_a_model_file_is_refused(data, model_file, capsys):
+    assert_user_error(capsys, ["eval", "--data", data, "--category", "fabric", "--model",
+                               model_file, "--seeds", "2"], "--seeds")
 
 
 def test_eval_report_with_stn(data, tmp_path, capsys, quick_stn):
@@ -591,14 +640,15 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert table in printed
     for name in demo.DEMO_CATEGORIES:
         assert f"| {name} |" in table
-    assert "image AUROC STN+PaDiM" in table
+    assert "image AUROC STN+PaDiM" in table and "image AUROC fixed warp" in table
     results = json.loads((out / "results.json").read_text())
+    assert set(results["fixed_warp"]["categories"]) == set(demo.DEMO_CATEGORIES)
     assert set(results["categories"]) == set(demo.DEMO_CATEGORIES)
     assert set(results["baseline"]["categories"]) == set(demo.DEMO_CATEGORIES)
     heatmaps = list((out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == len(demo.DEMO_CATEGORIES) * demo.HEATMAPS_PER_CATEGORY
     with Image.open(heatmaps[0]) as img:
-        assert img.size == (4 * SIZE, SIZE)
+        assert img.size == (5 * SIZE, SIZE)  # image, mask, PaDiM, fixed warp, STN+PaDiM
     html = (out / "report" / "index.html").read_text()
     assert all(f"<h2>{name}</h2>" in html for name in demo.DEMO_CATEGORIES)
     assert_images_resolve(out / "report")
@@ -634,8 +684,9 @@ def test_reproduce_table1_on_synthetic_set(data, tmp_path, capsys, quick_stn):
     assert table in printed
     assert "mean (textures)" in table and "mean (objects)" in table
     assert "Published" not in printed  # no MVTec category asked for
+    assert "Measured here with resnet18" in printed
     results = json.loads(json_path.read_text())
-    assert set(results) == {"PaDiM", "STN+PaDiM"}
+    assert set(results) == {"PaDiM", "fixed warp", "STN+PaDiM"}
     for arm in results.values():
         assert set(arm["categories"]) == {"fabric", "part_drift"}
         for metrics in arm["categories"].values():
@@ -651,6 +702,7 @@ def test_reproduce_table1_missing_category(data, capsys):
 
 def test_reproduce_table1_paper_reference_table():
     table = _reproduce_module().paper_table(list(MVTEC_CATEGORIES))
+    assert "PaDiM (paper, wide_resnet50_2)" in table.splitlines()[0]
     mean_row = table.strip().splitlines()[-1]
     # The means of the paper's rows: image 0.955 / 0.955 and pixel 0.973 as printed in its
     # "All classes" row; its printed STN+PaDiM pixel mean, 0.977, is not the mean of its own

@@ -2,8 +2,10 @@
 decisions at each model's calibrated threshold; optionally the HTML report.
 
 Without --model, each category is fitted from its train/good images with the fit
-options; with an STN, plain PaDiM is fitted too (same backbone, size, channel subset) so
-the table compares PaDiM with STN+PaDiM, as the paper's Table 1 does.
+options; with an STN, plain PaDiM and the fixed-warp control (PaDiM behind the STN's mean
+pose: a constant warp) are fitted too (same backbone, size, channel subset), so the table
+compares PaDiM, fixed warp and STN+PaDiM. --seeds N repeats everything for seeds
+seed..seed+N-1 and reports each metric's mean with <name>_sd (and <name>_ci95).
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ from pathlib import Path
 from ..data.mvtec import list_categories, load_category
 from ..errors import InputError
 from ..models.padim import load
-from ..report import DECISION_METRICS, markdown_table, summarize, write_json, write_text
+from ..report import DECISION_METRICS, markdown_table, summarize, summarize_runs, write_json, write_text
 from ..report_html import HtmlReport
-from .experiment import ModelOptions, run_category
+from .experiment import FIXED_WARP, PADIM, ModelOptions, run_arms, run_category
 from .outputs import category_inputs, check_outputs, check_writable_folder
-from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options
+from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options, at_least
 from .reporting import add_predictions
 
 
@@ -38,7 +40,11 @@ def register(commands, common) -> None:
     parser.add_argument("--report", metavar="DIR",
                         help="write an HTML report (DIR/index.html: curves, histograms, gallery)")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="with an STN, skip the plain PaDiM comparison column")
+                        help="with an STN, skip the PaDiM and fixed-warp control columns")
+    parser.add_argument("--seeds", type=at_least(1), default=1, metavar="N",
+                        help="fit and evaluate with N seeds (--seed, --seed + 1, ...) and report "
+                             "mean, sd (<name>_sd) and 95%% bootstrap interval (<name>_ci95) "
+                             "of each metric (default: 1)")
     add_model_options(parser)
     add_run_options(parser)
     add_force_option(parser)
@@ -55,6 +61,8 @@ def run(args) -> int:
     inputs = [p for p in (args.model, args.weights) if p]
     check_outputs(outputs, inputs, args.force)  # before reading the data, then with its files
     given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
+    if args.model is not None and args.seeds > 1:
+        given.append("--seeds")
     if args.model is not None and given:
         raise InputError(f"--model evaluates a fitted model; fit options cannot apply to it: "
                          f"{', '.join(given)}")
@@ -76,8 +84,9 @@ def run(args) -> int:
     print(table, end="")
     labels = list(arms)
     results = dict(arms[labels[-1]])
-    if len(labels) == 2:
-        results["baseline"] = arms[labels[0]]
+    if len(labels) > 1:
+        results["baseline"] = arms[PADIM]
+        results["fixed_warp"] = arms[FIXED_WARP]
     if args.json:
         write_json(args.json, results)
     if args.table:
@@ -102,14 +111,21 @@ def _evaluate_model_file(args, categories, report) -> dict:
 
 def _fit_and_evaluate(args, categories, report) -> dict:
     options = ModelOptions.from_args(args)
-    arms = [options]
-    if options.stn != "none" and not args.no_baseline:
-        arms.insert(0, replace(options, stn="none"))
-    per_arm = {arm.label: {} for arm in arms}
+    seeds = range(options.seed, options.seed + args.seeds)
+    per_arm = {}
     for category in categories:
-        for arm in arms:
-            metrics, predictions, model = run_category(category, arm, args.progress)
-            per_arm[arm.label][category.name] = metrics
-            if report is not None:
-                add_predictions(report, category.name, arm.label, model, predictions, metrics)
-    return {label: summarize(per_category) for label, per_category in per_arm.items()}
+        runs = []
+        for i, seed in enumerate(seeds):
+            metrics, predictions, models = run_arms(category, replace(options, seed=seed),
+                                                    args.progress, baseline=not args.no_baseline)
+            runs.append(metrics)
+            if report is not None and i == 0:  # the report shows the first seed's models
+                for label, values in metrics.items():
+                    add_predictions(report, category.name, label, models[label],
+                                    predictions[label], values)
+        for label in runs[0]:
+            per_arm.setdefault(label, {})[category.name] = [run[label] for run in runs]
+    if args.seeds == 1:
+        return {label: summarize({c: runs[0] for c, runs in per_category.items()})
+                for label, per_category in per_arm.items()}
+    return {label: summarize_runs(per_category) for label, per_category in per_arm.items()}
