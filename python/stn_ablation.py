@@ -79,24 +79,42 @@ def run(args) -> dict:
             "categories": categories}
 
 
+def merge(documents: list[dict]) -> dict:
+    """One results document from several runs of this script (split by category or by
+    seed): runs of the same category are pooled and re-aggregated."""
+    categories = {}
+    for doc in documents:
+        for name, row in doc["categories"].items():
+            merged = categories.setdefault(name, {"objective": row["objective"], "runs": []})
+            merged["runs"] += row["runs"]
+    for row in categories.values():
+        row.update({arm: aggregate_runs([r[arm] for r in row["runs"]]) for arm in ARMS})
+    return {**documents[0], "categories": categories,
+            "commit": ", ".join(dict.fromkeys(doc["commit"] for doc in documents)),
+            "data_seeds": sorted({s for doc in documents for s in doc["data_seeds"]}),
+            "seeds": sorted({s for doc in documents for s in doc["seeds"]}),
+            "wall_seconds": [doc["wall_seconds"] for doc in documents]}
+
+
 def render(documents: list[dict]) -> str:
     """Markdown: how the numbers were made, then one table per metric."""
-    categories = {k: v for doc in documents for k, v in doc["categories"].items()}
-    first = documents[0]
-    walls = " + ".join(f"{doc['wall_seconds'] / 60:.1f}" for doc in documents)
+    first = merge(documents)
+    categories = first["categories"]
+    walls = " + ".join(f"{wall / 60:.0f}" for wall in first["wall_seconds"])
+    n_runs = sorted({len(row["runs"]) for row in categories.values()})
     lines = [
         f"Generated on {first['date']} at commit {first['commit']} by `python python/stn_ablation.py` "
-        f"({len(documents)} process(es) side by side on this shared 2-core machine, "
-        f"{first['threads']} thread each, wall {walls} min). {first['backbone']}, "
+        f"({len(documents)} process(es), {first['threads']} thread each, on a shared 2-core machine; "
+        f"wall {walls} min). {first['backbone']}, "
         f"{first['data']['image_size']} px; per category {first['data']['n_train']} training "
         f"images and {first['data']['n_test_good']} good + 4 x {first['data']['n_test_defect']} "
         "defective test images. Data seeds "
-        f"{', '.join(map(str, first['data_seeds']))} (reported; tuning used data seed 0 only) x "
-        f"model seeds {', '.join(map(str, first['seeds']))}: every cell is mean ± sd over those "
-        f"{len(first['data_seeds']) * len(first['seeds'])} runs, [95% bootstrap interval of the "
-        "mean]. STN budget: reconstruct "
-        f"{_budget(first['budget']['reconstruct'])}, canonical {_budget(first['budget']['canonical'])}. "
-        "Gain = STN+PaDiM minus the better of PaDiM and fixed warp, per run.",
+        f"{', '.join(map(str, first['data_seeds']))} (tuning used data seed 0 only) x "
+        f"model seeds {', '.join(map(str, first['seeds']))}: every cell is mean ± sd over "
+        f"{'/'.join(map(str, n_runs))} runs [95% bootstrap interval of the mean]. STN budget: "
+        f"reconstruct {_budget(first['budget']['reconstruct'])}, canonical "
+        f"{_budget(first['budget']['canonical'])}. Gain = STN+PaDiM minus the better of PaDiM "
+        "and fixed warp, per run.",
         ""]
     for metric, title in SHOWN.items():
         lines += [f"{title}:", "",
