@@ -51,14 +51,18 @@ MARKERS = ("<!-- stn-ablation:begin -->", "<!-- stn-ablation:end -->")
 
 
 def run(args) -> dict:
-    """Runs every category; returns the results document (see --json)."""
+    """Runs every category; returns the results document (see --json), which is also
+    written to --json after every run, so a stopped run keeps what it finished."""
     start = time.perf_counter()
     base = ModelOptions(backbone="efficientnet_lite0", image_size=DATA["image_size"])
-    categories = {}
+    doc = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "commit": _commit(), "data_seeds": args.data_seeds, "seeds": args.seeds,
+           "threads": torch.get_num_threads(), "data": DATA, "budget": BUDGET,
+           "backbone": base.backbone, "categories": {}}
     for name in args.categories:
         objective = CATEGORIES[name]
         options = replace(base, stn=objective, **BUDGET[objective])
-        runs = []
+        row = doc["categories"][name] = {"objective": objective, "runs": []}
         for data_seed in args.data_seeds:
             root = Path(args.data) / f"seed{data_seed}"
             if not (root / name).is_dir():
@@ -66,17 +70,15 @@ def run(args) -> dict:
             category = load_category(root, name)
             for seed in args.seeds:
                 metrics, _ = run_arms(category, replace(options, seed=seed), progress=False)
-                runs.append({"data_seed": data_seed, "seed": seed, **metrics})
+                row["runs"].append({"data_seed": data_seed, "seed": seed, **metrics})
+                row.update({arm: aggregate_runs([r[arm] for r in row["runs"]]) for arm in ARMS})
+                doc["wall_seconds"] = time.perf_counter() - start
+                if args.json:
+                    write_json(args.json, doc)
                 print(f"{name} data seed {data_seed} seed {seed}: image AUROC "
                       + ", ".join(f"{a} {metrics[a]['image_auroc']:.3f}" for a in ARMS)
-                      + f" ({time.perf_counter() - start:.0f} s)", flush=True)
-        categories[name] = {"objective": objective, "runs": runs,
-                            **{arm: aggregate_runs([r[arm] for r in runs]) for arm in ARMS}}
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": _commit(), "data_seeds": args.data_seeds, "seeds": args.seeds,
-            "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
-            "data": DATA, "budget": BUDGET, "backbone": base.backbone,
-            "categories": categories}
+                      + f" ({doc['wall_seconds']:.0f} s)", flush=True)
+    return doc
 
 
 def merge(documents: list[dict]) -> dict:
@@ -179,8 +181,6 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)
         documents = [run(args)]
-        if args.json:
-            write_json(args.json, documents[0])
     section = render(documents)
     print(section)
     if args.readme:
