@@ -93,6 +93,7 @@ def merge(documents: list[dict]) -> dict:
         row.update({arm: aggregate_runs([r[arm] for r in row["runs"]]) for arm in ARMS})
     return {**documents[0], "categories": categories,
             "commit": ", ".join(dict.fromkeys(doc["commit"] for doc in documents)),
+            "date": ", ".join(dict.fromkeys(doc["date"] for doc in documents)),
             "data_seeds": sorted({s for doc in documents for s in doc["data_seeds"]}),
             "seeds": sorted({s for doc in documents for s in doc["seeds"]}),
             "wall_seconds": [doc["wall_seconds"] for doc in documents]}
@@ -105,7 +106,7 @@ def render(documents: list[dict]) -> str:
     walls = " + ".join(f"{wall / 60:.0f}" for wall in first["wall_seconds"])
     n_runs = sorted({len(row["runs"]) for row in categories.values()})
     lines = [
-        f"Generated on {first['date']} at commit {first['commit']} by `python python/stn_ablation.py` "
+        f"Runs started {first['date']} at commit {first['commit']}, `python python/stn_ablation.py` "
         f"({len(documents)} process(es), {first['threads']} thread each, on a shared 2-core machine; "
         f"wall {walls} min). {first['backbone']}, "
         f"{first['data']['image_size']} px; per category {first['data']['n_train']} training "
