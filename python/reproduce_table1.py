@@ -102,7 +102,7 @@ def reproduce(args: argparse.Namespace) -> tuple[dict, str]:
         objective = args.stn
         if objective == "auto":
             objective = "canonical" if category.name in RANDOM_POSE else "reconstruct"
-        metrics, _ = run_arms(category, replace(base, stn=objective), args.progress)
+        metrics, _, _ = run_arms(category, replace(base, stn=objective), args.progress)
         for label, values in metrics.items():
             per_arm[label][category.name] = values
     arms = {label: summarize(results) for label, results in per_arm.items()}
