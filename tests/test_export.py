@@ -94,8 +94,8 @@ def test_onnx_runtime_equals_predict(drift, tmp_path, backbone, stn):
     assert np.array_equal(out["masks"], expected.masks.numpy())
     assert 0 < expected.masks.sum() < expected.masks.numel()  # the pixel decisions are not all one way
     assert round(roc_auc_score(labels, out["scores"]), 3) == round(roc_auc_score(labels, expected.scores), 3)
-    if stn:  # the warp back leaves unseen input pixels at 0: the STN really moved the images
-        assert (expected.maps == 0).any()
+    if stn:  # the STN really moved the images: some input pixels were out of its view
+        assert (model.out_of_view_fraction(test) > 0).any()
 
 
 def test_dynamic_batch_and_metadata(drift, tmp_path):
