@@ -274,8 +274,10 @@ def test_congeal_recovers_relative_poses():
     residual = compose(invert_theta(truth), poses)
     i, j = torch.triu_indices(n, n, 1)
     pairwise = compose(invert_theta(residual[i]), residual[j])
-    assert theta_pose(pairwise)["rotation_deg"].abs().max() < 3.0
-    assert (pairwise[:, :, 2] * 32).norm(dim=-1).max() < 1.5  # pixels
+    # Worst pair over 30 seeded draws: 3.2 deg, 1.6 px (the old 3 deg / 1.5 px bounds failed
+    # ~1 draw in 8); an unregistered pair is off by up to 180 deg and ~5 px.
+    assert theta_pose(pairwise)["rotation_deg"].abs().max() < 5.0
+    assert (pairwise[:, :, 2] * 32).norm(dim=-1).max() < 2.5  # pixels
 
 
 # ---------------------------------------------------------------------------- training
