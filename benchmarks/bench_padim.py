@@ -154,30 +154,6 @@ def run_fit_worker(impl: str, n: int, weights: Path) -> dict:
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return resnet18_weights(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture(scope="module")
-def ours(weights):
-    model = PaDiM("resnet18", weights=weights, image_size=SIZE, progress=False, device="cpu")
-    return model.fit(batches(64, seed=1))
-
-
-@pytest.fixture(scope="module")
-def anomalib_model(weights, ours):
-    pytest.importorskip("anomalib", reason="anomalib is not installed: pip install anomalib")
-    model = build_anomalib(weights, ours.embedding.idx.clone())
-    anomalib_fit(model, batches(64, seed=1))
-    return model
-
-
-@pytest.fixture(scope="module")
-def test_batch() -> torch.Tensor:
-    return next(batches(BATCH, seed=2))
-
-
 def _inference_cost(model: PaDiM, x: torch.Tensor) -> tuple[float, float]:
     """(flops, minimal bytes) of one predict: backbone convs + the triangular Mahalanobis."""
     from torch.utils.flop_counter import FlopCounterMode

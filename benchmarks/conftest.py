@@ -5,9 +5,14 @@ Run: `pytest benchmarks --benchmark-enable` (add --benchmark-json=FILE for the g
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import pytest
 import torch
+from bench_padim import BATCH, SIZE, anomalib_fit, batches, build_anomalib, resnet18_weights
 from ratios import case_table, format_table
+
+from stnpadim_ext.models.padim import PaDiM
 
 _rates: dict[str, dict] = {}
 
@@ -71,3 +76,32 @@ def pytest_terminal_summary(terminalreporter, config):
     for record in records:  # cases that summarise themselves (bench_padim's from-files bound)
         if "summary" in record["extra_info"]:
             terminalreporter.write_line(f"{record['extra_info']['case']}: {record['extra_info']['summary']}")
+
+
+# ---------------------------------------------------------------------------- PaDiM fixtures
+# Shared by bench_padim.py and bench_export.py (module scope: each suite fits its own): the
+# same resnet18 weights, fitted model, anomalib twin and test batch on both.
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return resnet18_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def ours(weights):
+    model = PaDiM("resnet18", weights=weights, image_size=SIZE, progress=False, device="cpu")
+    return model.fit(batches(64, seed=1))
+
+
+@pytest.fixture(scope="module")
+def anomalib_model(weights, ours):
+    pytest.importorskip("anomalib", reason="anomalib is not installed: pip install anomalib")
+    model = build_anomalib(weights, ours.embedding.idx.clone())
+    anomalib_fit(model, batches(64, seed=1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def test_batch() -> torch.Tensor:
+    return next(batches(BATCH, seed=2))
