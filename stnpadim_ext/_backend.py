@@ -47,8 +47,23 @@ def use_extension(op: str, *tensors: torch.Tensor) -> bool:
     return bool(tensors) and has_kernel(op, tensors[0].device.type)
 
 
+def cpu_capabilities() -> list[str]:
+    """The CPU kernel variants this CPU can run with this build, worst first (["default"]
+    without the extension: the reference ops have no variants)."""
+    if not (HAS_EXT and hasattr(torch.ops.stnpadim, "_cpu_capabilities")):
+        return ["default"]
+    return torch.ops.stnpadim._cpu_capabilities().split(",")
+
+
 def backend_info() -> dict:
-    """How the ops run: extension loaded, CUDA kernels compiled and for which archs, threads."""
+    """How the ops run: extension loaded, CUDA kernels compiled and for which archs, threads,
+    and the CPU kernel variant in use.
+
+    ``cpu_capability`` is "default", "avx2" or "avx512": the best variant this CPU runs, or
+    the one that ``STNPADIM_CPU_CAPABILITY`` forces ("default" without the extension).
+    ``cpu_capabilities`` lists every variant this CPU can run. A forced variant the CPU
+    cannot run (or an unknown name) raises RuntimeError here and in every CPU op call.
+    """
     info = {
         "extension": HAS_EXT,
         "cuda_compiled": False,
@@ -65,4 +80,6 @@ def backend_info() -> dict:
         info["cuda_archs"] = [a for a in archs.split("_") if a]
         info["openmp"] = fields.get("openmp") == "1"
         info["cuda_compiled"] = fields.get("cuda") == "1"
+    info["cpu_capability"] = torch.ops.stnpadim._cpu_capability() if HAS_EXT else "default"
+    info["cpu_capabilities"] = cpu_capabilities()
     return info

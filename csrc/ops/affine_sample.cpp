@@ -17,12 +17,10 @@
 namespace stnpadim {
 namespace {
 
+// float16 / bfloat16 are computed in float32 on every device (see the kernels).
 bool supported_dtype(const at::Tensor& t) {
   const auto dtype = t.scalar_type();
-  if (dtype == at::kFloat || dtype == at::kDouble) {
-    return true;
-  }
-  return t.is_cuda() && (dtype == at::kHalf || dtype == at::kBFloat16);
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
 void check_modes(int64_t interpolation, int64_t padding) {
@@ -57,7 +55,7 @@ void check_affine_sample_args(const at::Tensor& input, const at::Tensor& theta, 
               "affine_sample: input planes must have fewer than 2^31 pixels, got ", input.sizes());
   TORCH_CHECK(supported_dtype(input), "affine_sample: input dtype ", input.scalar_type(),
               " is not supported on ", input.device().type(),
-              " (float32/float64, and float16/bfloat16 on CUDA)");
+              " (float32, float64, float16, bfloat16)");
   check_theta(theta, input, input.size(0));
   TORCH_CHECK(out_h > 0 && out_w > 0, "affine_sample: output size must be positive, got (",
               out_h, ", ", out_w, ")");

@@ -20,15 +20,26 @@ _PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
 _NEAREST = _MODES["nearest"]
 # dtypes the kernels take, per device type; others use the reference.
 _KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
+# Computed in float32 (coordinates included) and rounded once to their own dtype.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def affine_sample_reference(x, theta, size=None, mode="bilinear", padding_mode="zeros",
                             align_corners=False):
-    """The oracle: torch's affine_grid + grid_sample composition (materialises the grid)."""
+    """The oracle: torch's affine_grid + grid_sample composition (materialises the grid).
+
+    float16 / bfloat16 follow affine_sample's contract: the composition runs in float32 on
+    the upcast x and theta and the result is rounded to the input dtype. (torch's own
+    low-precision path is not used: its CPU sampler wraps 16-bit tap offsets on planes of
+    2^15 elements or more, and on both devices affine_grid rounds coordinates to the dtype.)
+    """
     size = tuple(x.shape[-2:]) if size is None else tuple(size)
+    if x.dtype in _LOW_PRECISION:
+        out = affine_sample_reference(x.float(), theta.float(), size, mode, padding_mode, align_corners)
+        return out.to(x.dtype)
     grid = F.affine_grid(theta, (x.shape[0], x.shape[1], *size), align_corners=align_corners)
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
@@ -95,9 +106,20 @@ def affine_sample(x: torch.Tensor, theta: torch.Tensor, size=None, mode: str = "
         >>> affine_sample(x, theta, size=(16, 16)).shape
         torch.Size([2, 3, 16, 16])
 
+    float16 and bfloat16 (on CPU and CUDA alike) are computed in float32: ``theta`` and the
+    pixels are upcast exactly, the sampling coordinates, weights and sums are float32, and
+    the result (and in the backward, each gradient) is rounded once to the input dtype. So
+    ``affine_sample(x, theta)`` equals ``affine_sample(x.float(), theta.float()).to(x.dtype)``
+    up to that rounding: half a unit in the last place of the dtype. That is more accurate
+    than torch's own low-precision composition, which rounds the affine_grid coordinates to
+    the dtype (bfloat16: 2^-8 relative, several pixels at 1000 px; nearest sampling may
+    then pick another pixel), and torch's CPU sampler is never used for these dtypes (in
+    torch 2.14 it wraps 16-bit tap offsets once a plane spans 2^15 elements: wrong values,
+    out-of-bounds reads and writes).
+
     Args:
-        x (Tensor[N, C, H, W]): images or feature maps, floating point (float32/float64;
-            float16/bfloat16 too on CUDA, any layout or strides).
+        x (Tensor[N, C, H, W]): images or feature maps, floating point (float32, float64,
+            float16 or bfloat16; any layout or strides).
         theta (Tensor[N, 2, 3]): one affine matrix per image, mapping normalised output
             coordinates to normalised input coordinates (affine_grid's convention); same
             device and dtype as ``x``.

@@ -35,14 +35,14 @@
 
 #include "ops/affine_sample.h"
 #include "ops/affine_sample_math.h"
+#include "ops/cpu/cpu_capability.h"
 
 // The extension is built for baseline x86-64 so that one wheel runs everywhere; the
-// entry points below get AVX2 and AVX-512 clones, picked when the library loads.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define STNPADIM_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define STNPADIM_ISA_CLONES
-#endif
+// entry points at the end of the kernels are compiled once per instruction-set variant
+// (default, AVX2, AVX-512; cpu_capability.h) and the host code runs the one in use. The
+// loops are plain C++ that GCC vectorises for each target, so nothing here has a width
+// to pick per variant (transpose_block8's 32-byte vectors are one register from AVX2 on,
+// two SSE registers in the default variant).
 
 namespace stnpadim {
 namespace {
@@ -1146,40 +1146,76 @@ C10_ALWAYS_INLINE void backward_tasks_impl(const Problem<T>& p, const T* gout, T
   }
 }
 
-// Non-template entry points, one per dtype, so each gets its ISA clones.
-STNPADIM_ISA_CLONES void forward_rows(const Problem<float>& p, float* out, int64_t begin, int64_t end) {
+// Non-template entry points, one per dtype and instruction-set variant (each inlines its
+// whole kernel, so each is vectorised for its target), and one per dtype that runs the
+// variant given.
+template <CpuCapability, typename T>
+C10_ALWAYS_INLINE void forward_rows_isa(const Problem<T>& p, T* out, int64_t begin, int64_t end) {
   forward_rows_impl(p, out, begin, end);
 }
-STNPADIM_ISA_CLONES void forward_rows(const Problem<double>& p, double* out, int64_t begin, int64_t end) {
-  forward_rows_impl(p, out, begin, end);
-}
-STNPADIM_ISA_CLONES void backward_tasks(const Problem<float>& p, const float* gout, float* gin,
-                                        const BackwardSplit& split, int64_t begin, int64_t end) {
+template <CpuCapability, typename T>
+C10_ALWAYS_INLINE void backward_tasks_isa(const Problem<T>& p, const T* gout, T* gin, const BackwardSplit& split,
+                                          int64_t begin, int64_t end) {
   backward_tasks_impl(p, gout, gin, split, begin, end);
 }
-STNPADIM_ISA_CLONES void backward_tasks(const Problem<double>& p, const double* gout, double* gin,
-                                        const BackwardSplit& split, int64_t begin, int64_t end) {
-  backward_tasks_impl(p, gout, gin, split, begin, end);
+template <CpuCapability, typename T>
+C10_ALWAYS_INLINE void interleaved_forward_isa(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
+                                               int64_t begin, int64_t end) {
+  interleaved_forward_impl(p, out, block, per_image, begin, end);
+}
+template <CpuCapability, typename T>
+C10_ALWAYS_INLINE void interleaved_tasks_isa(const Problem<T>& p, const T* gout, T* gin,
+                                             const BackwardSplit& split, int64_t begin, int64_t end) {
+  interleaved_tasks_impl(p, gout, gin, split, begin, end);
 }
 
-STNPADIM_ISA_CLONES void interleaved_forward(const Problem<float>& p, float* out, int64_t block,
-                                             int64_t per_image, int64_t begin, int64_t end) {
-  interleaved_forward_impl(p, out, block, per_image, begin, end);
-}
-STNPADIM_ISA_CLONES void interleaved_forward(const Problem<double>& p, double* out, int64_t block,
-                                             int64_t per_image, int64_t begin, int64_t end) {
-  interleaved_forward_impl(p, out, block, per_image, begin, end);
-}
-STNPADIM_ISA_CLONES void interleaved_tasks(const Problem<float>& p, const float* gout, float* gin,
-                                           const BackwardSplit& split, int64_t begin, int64_t end) {
-  interleaved_tasks_impl(p, gout, gin, split, begin, end);
-}
-STNPADIM_ISA_CLONES void interleaved_tasks(const Problem<double>& p, const double* gout, double* gin,
-                                           const BackwardSplit& split, int64_t begin, int64_t end) {
-  interleaved_tasks_impl(p, gout, gin, split, begin, end);
-}
+#define STNPADIM_AFFINE_ENTRIES(T, SUFFIX)                                                                    \
+  STNPADIM_CPU_VARIANTS(void, forward_rows_##SUFFIX, forward_rows_isa,                                        \
+                        (const Problem<T>& p, T* out, int64_t begin, int64_t end), (p, out, begin, end))      \
+  STNPADIM_CPU_VARIANTS(void, backward_tasks_##SUFFIX, backward_tasks_isa,                                    \
+                        (const Problem<T>& p, const T* gout, T* gin, const BackwardSplit& split,              \
+                         int64_t begin, int64_t end),                                                         \
+                        (p, gout, gin, split, begin, end))                                                    \
+  STNPADIM_CPU_VARIANTS(void, interleaved_forward_##SUFFIX, interleaved_forward_isa,                          \
+                        (const Problem<T>& p, T* out, int64_t block, int64_t per_image, int64_t begin,        \
+                         int64_t end),                                                                        \
+                        (p, out, block, per_image, begin, end))                                               \
+  STNPADIM_CPU_VARIANTS(void, interleaved_tasks_##SUFFIX, interleaved_tasks_isa,                              \
+                        (const Problem<T>& p, const T* gout, T* gin, const BackwardSplit& split,              \
+                         int64_t begin, int64_t end),                                                         \
+                        (p, gout, gin, split, begin, end))                                                    \
+  void forward_rows(CpuCapability cap, const Problem<T>& p, T* out, int64_t begin, int64_t end) {             \
+    pick_variant(cap, forward_rows_##SUFFIX##_default, forward_rows_##SUFFIX##_avx2,                          \
+                 forward_rows_##SUFFIX##_avx512)(p, out, begin, end);                                         \
+  }                                                                                                           \
+  void backward_tasks(CpuCapability cap, const Problem<T>& p, const T* gout, T* gin,                          \
+                      const BackwardSplit& split, int64_t begin, int64_t end) {                               \
+    pick_variant(cap, backward_tasks_##SUFFIX##_default, backward_tasks_##SUFFIX##_avx2,                      \
+                 backward_tasks_##SUFFIX##_avx512)(p, gout, gin, split, begin, end);                          \
+  }                                                                                                           \
+  void interleaved_forward(CpuCapability cap, const Problem<T>& p, T* out, int64_t block, int64_t per_image,  \
+                           int64_t begin, int64_t end) {                                                      \
+    pick_variant(cap, interleaved_forward_##SUFFIX##_default, interleaved_forward_##SUFFIX##_avx2,            \
+                 interleaved_forward_##SUFFIX##_avx512)(p, out, block, per_image, begin, end);                \
+  }                                                                                                           \
+  void interleaved_tasks(CpuCapability cap, const Problem<T>& p, const T* gout, T* gin,                       \
+                         const BackwardSplit& split, int64_t begin, int64_t end) {                            \
+    pick_variant(cap, interleaved_tasks_##SUFFIX##_default, interleaved_tasks_##SUFFIX##_avx2,                \
+                 interleaved_tasks_##SUFFIX##_avx512)(p, gout, gin, split, begin, end);                       \
+  }
+STNPADIM_AFFINE_ENTRIES(float, f32)
+STNPADIM_AFFINE_ENTRIES(double, f64)
+#undef STNPADIM_AFFINE_ENTRIES
 
 // ----------------------------------------------------------------------------- host
+
+// float16 / bfloat16 run in float32: upcast, our float kernels, one rounding of the result
+// (the contract of stnpadim_ext.ops.affine_sample, the same as on CUDA). torch's own CPU
+// sampler is never used for them: in torch 2.14 it computes tap offsets in a 16-bit
+// integer type for these dtypes, which wrap once a plane's offsets reach 2^15.
+bool is_low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
 
 // Whether every offset within a channel plane fits the kernels' int32 offsets.
 bool plane_offsets_fit(const at::Tensor& t) {
@@ -1241,6 +1277,12 @@ at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tenso
                                        bool align_corners) {
   check_affine_sample_args(input, theta, out_h, out_w, interpolation, padding);
   TORCH_CHECK(input.is_cpu(), "affine_sample: input must be a CPU tensor here");
+  if (is_low_precision(input)) {
+    return affine_sample_forward_kernel(input.to(at::kFloat), theta.to(at::kFloat), out_h, out_w, interpolation,
+                                        padding, align_corners)
+        .to(input.scalar_type());
+  }
+  const CpuCapability cap = cpu_capability();  // before any work: a refused variant raises here
   const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
   at::Tensor output = at::empty({N, C, out_h, out_w}, input.options());
   if (output.numel() == 0) {
@@ -1261,13 +1303,13 @@ at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tenso
     if (block > 0) {
       const int64_t per_image = (C + block - 1) / block;
       at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
-        interleaved_forward(p, out, block, per_image, begin, end);
+        interleaved_forward(cap, p, out, block, per_image, begin, end);
       });
       return;
     }
     const int64_t grain = std::max<int64_t>(1, kGrainWork / (out_w * C));
     at::parallel_for(0, N * out_h, grain, [&](int64_t begin, int64_t end) {
-      forward_rows(p, out, begin, end);
+      forward_rows(cap, p, out, begin, end);
     });
   });
   return output;
@@ -1280,6 +1322,15 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
   check_affine_sample_backward_args(grad_output, input, theta, in_h, in_w, interpolation, padding,
                                     theta_grad);
   TORCH_CHECK(grad_output.is_cpu(), "affine_sample backward: grad_output must be a CPU tensor here");
+  if (is_low_precision(grad_output)) {
+    const std::optional<at::Tensor> input_f =
+        input.has_value() ? std::optional<at::Tensor>(input->to(at::kFloat)) : std::nullopt;
+    auto [grad_input, grad_theta] =
+        affine_sample_backward_kernel(grad_output.to(at::kFloat), input_f, theta.to(at::kFloat), in_h, in_w,
+                                      interpolation, padding, align_corners, input_grad, theta_grad);
+    return {grad_input.to(grad_output.scalar_type()), grad_theta.to(theta.scalar_type())};
+  }
+  const CpuCapability cap = cpu_capability();
   const int64_t N = grad_output.size(0), C = grad_output.size(1);
   const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
   // Uninitialised: the tasks zero it row by row, just before scattering into the rows.
@@ -1320,13 +1371,13 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
     scalar_t* gin = input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     if (interleaved > 0) {
       at::parallel_for(0, N * per_image, 1, [&](int64_t begin, int64_t end) {
-        interleaved_tasks(p, go, gin, split, begin, end);
+        interleaved_tasks(cap, p, go, gin, split, begin, end);
       });
     } else {
       const int64_t task_work = input_grad ? block * Ho * Wo : C * Wo;
       const int64_t grain = std::max<int64_t>(1, kGrainWork / task_work);
       at::parallel_for(0, N * per_image, grain, [&](int64_t begin, int64_t end) {
-        backward_tasks(p, go, gin, split, begin, end);
+        backward_tasks(cap, p, go, gin, split, begin, end);
       });
     }
     if (reduce_theta) {

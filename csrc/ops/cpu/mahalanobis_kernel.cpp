@@ -3,18 +3,21 @@
 // Parallel over blocks of patches. A block's batch tiles are staged as d = emb - mean
 // (accumulator precision, lanes = batch elements; the only temporary, a few MB at most),
 // then per patch the packed factor is streamed row by row: y_i = L[i][0..i] . d with the
-// squares reduced on the fly. A patch's factor is read from memory once; its other batch
-// tiles find it in cache.
+// squares reduced on the fly. The rows come in panels that fit L2, and every batch tile
+// runs over a panel before the next is read: a patch's factor is read from memory once,
+// whatever the batch (C = 550: 605 KB per patch, more than a core's L2).
 //
-// Two micro-kernels, both written with GCC vector extensions so one source compiles for
-// AVX-512, AVX2 and baseline x86-64 (target_clones picks one at load time; we build
-// without -march=native):
-//  * tile_sq_norm: vector lanes run over the batch; a block of kRowBlock rows shares each
-//    load of d[j] and broadcasts one factor element per row (register-blocked, no
-//    horizontal sums, no tails over j).
-//  * single_sq_norm: for a lone batch element; lanes run over j (a dot product per row,
-//    the row's tail as one masked vector), which is what memory bandwidth allows for
-//    B = 1 anyway.
+// Compiled once per instruction-set variant (cpu_capability.h), with vector and tile
+// widths that follow it, in GCC vector extensions:
+//  * tile_rows: vector lanes run over the batch; a block of rows shares each load of d[j]
+//    and broadcasts one factor element per row (register-blocked, no horizontal sums, no
+//    tails over j). A tile is one vector register or a pair of them, with as many rows as
+//    leave the accumulators in registers (16 registers below AVX-512, 32 with it).
+//  * single_rows: for a lone batch element; lanes run over j (a dot product per row, the
+//    row's tail as one masked vector), which is what memory bandwidth allows for B = 1.
+// plan_tiles covers the batch with the cheapest mix of these (a cost per tile kind), so
+// no batch size pays for padding a wide tile: B = 9 is an 8-lane tile plus one dot product
+// per row on AVX2, not a half-empty 16-lane tile.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,23 +25,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "ops/cpu/cpu_capability.h"
 #include "ops/mahalanobis.h"
 #include "ops/mahalanobis_math.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define STNPADIM_ISA_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define STNPADIM_ISA_CLONES
-#endif
-// Inlined into each ISA clone, so the vector code is compiled once per target.
-#define STNPADIM_INLINE inline __attribute__((always_inline))
 
 // Vector types only pass between always-inline functions, never across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -55,9 +52,6 @@ struct Vec {
   typedef T type __attribute__((vector_size(kBytes)));
 };
 
-// Eight rows share each load of d[j]: 8 accumulators fit the 16 AVX2 / 32 AVX-512 registers.
-constexpr int kRowBlock = 8;
-
 template <typename V, typename T>
 STNPADIM_INLINE V load(const T* ptr) {
   V v;
@@ -65,51 +59,78 @@ STNPADIM_INLINE V load(const T* ptr) {
   return v;
 }
 
-// Sum over rows of y_i^2 for one batch tile: d is [dim][lanes] (zero-padded lanes), the
-// result lanes go to out.
-template <typename acc_t, int kBytes>
-STNPADIM_INLINE void tile_sq_norm(const float* factor, const acc_t* d, int64_t dim,
-                                  acc_t* out) {
+// Adds to sq[0 .. lanes) the squares of rows [r0, r1) for one batch tile of kVecs vectors
+// of kBytes: d is [dim][lanes] (zero-padded lanes), lanes = kVecs * kBytes / sizeof(acc_t).
+// kRows rows share each load of d[j]; the rows past the last full block go one by one.
+template <typename acc_t, int kBytes, int kVecs, int kRows>
+STNPADIM_INLINE void tile_rows(const float* factor, const acc_t* d, int64_t r0, int64_t r1, acc_t* sq_out) {
   using V = typename Vec<acc_t, kBytes>::type;
   constexpr int64_t kLanes = kBytes / sizeof(acc_t);
-  V sq = {};
-  int64_t i0 = 0;
-  for (; i0 + kRowBlock <= dim; i0 += kRowBlock) {
-    const float* rows[kRowBlock];
-    V acc[kRowBlock];
-    for (int r = 0; r < kRowBlock; ++r) {
+  constexpr int64_t kStride = kVecs * kLanes;
+  V sq[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    sq[v] = load<V>(sq_out + v * kLanes);
+  }
+  int64_t i0 = r0;
+  for (; i0 + kRows <= r1; i0 += kRows) {
+    const float* rows[kRows];
+    V acc[kRows][kVecs];
+    for (int r = 0; r < kRows; ++r) {
       rows[r] = factor + packed_row_offset(i0 + r);
-      acc[r] = V{};
+      for (int v = 0; v < kVecs; ++v) {
+        acc[r][v] = V{};
+      }
     }
     // The block's rows are interleaved streams the hardware prefetcher follows poorly, so
     // fetch the next block's rows (contiguous after these) while this one computes.
-    const float* next = factor + packed_row_offset(i0 + kRowBlock);
+    const float* next = factor + packed_row_offset(i0 + kRows);
     for (int64_t j = 0; j <= i0; ++j) {
-      __builtin_prefetch(next + kRowBlock * j);
-      const V x = load<V>(d + j * kLanes);
-      for (int r = 0; r < kRowBlock; ++r) {
-        acc[r] += static_cast<acc_t>(rows[r][j]) * x;
+      __builtin_prefetch(next + kRows * j);
+      V x[kVecs];
+      for (int v = 0; v < kVecs; ++v) {
+        x[v] = load<V>(d + j * kStride + v * kLanes);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t f = static_cast<acc_t>(rows[r][j]);
+        for (int v = 0; v < kVecs; ++v) {
+          acc[r][v] += f * x[v];
+        }
       }
     }
     // Row i0 + r also has the columns i0 + 1 .. i0 + r of the diagonal block.
-    for (int r = 1; r < kRowBlock; ++r) {
+    for (int r = 1; r < kRows; ++r) {
       for (int64_t j = i0 + 1; j <= i0 + r; ++j) {
-        acc[r] += static_cast<acc_t>(rows[r][j]) * load<V>(d + j * kLanes);
+        const acc_t f = static_cast<acc_t>(rows[r][j]);
+        for (int v = 0; v < kVecs; ++v) {
+          acc[r][v] += f * load<V>(d + j * kStride + v * kLanes);
+        }
       }
     }
-    for (int r = 0; r < kRowBlock; ++r) {
-      sq += acc[r] * acc[r];
+    for (int r = 0; r < kRows; ++r) {
+      for (int v = 0; v < kVecs; ++v) {
+        sq[v] += acc[r][v] * acc[r][v];
+      }
     }
   }
-  for (; i0 < dim; ++i0) {
+  for (; i0 < r1; ++i0) {
     const float* row = factor + packed_row_offset(i0);
-    V acc = {};
-    for (int64_t j = 0; j <= i0; ++j) {
-      acc += static_cast<acc_t>(row[j]) * load<V>(d + j * kLanes);
+    V acc[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      acc[v] = V{};
     }
-    sq += acc * acc;
+    for (int64_t j = 0; j <= i0; ++j) {
+      const acc_t f = static_cast<acc_t>(row[j]);
+      for (int v = 0; v < kVecs; ++v) {
+        acc[v] += f * load<V>(d + j * kStride + v * kLanes);
+      }
+    }
+    for (int v = 0; v < kVecs; ++v) {
+      sq[v] += acc[v] * acc[v];
+    }
   }
-  std::memcpy(out, &sq, sizeof(V));
+  for (int v = 0; v < kVecs; ++v) {
+    std::memcpy(sq_out + v * kLanes, &sq[v], sizeof(V));
+  }
 }
 
 // Sum of the lanes, by halving (a tree: log2(lanes) dependent adds, not lanes).
@@ -126,22 +147,23 @@ STNPADIM_INLINE T hsum(typename Vec<T, kBytes>::type v) {
   }
 }
 
-// Sum over rows of y_i^2 for one batch element: d is [dim] contiguous, readable (any
-// value) for kLanes elements past its end. factor_end bounds reads of the factor.
-template <typename acc_t>
-STNPADIM_INLINE acc_t single_sq_norm(const float* factor, const acc_t* d, int64_t dim,
-                                     const float* factor_end) {
-  using V = typename Vec<acc_t, 64>::type;
-  constexpr int64_t kLanes = 64 / sizeof(acc_t);
+// Adds to *sq_out the squares of rows [r0, r1) for one batch element: d is [dim]
+// contiguous, readable (any value) for a vector's lanes past its end. factor_end bounds
+// reads of the factor.
+template <typename acc_t, int kBytes>
+STNPADIM_INLINE void single_rows(const float* factor, const acc_t* d, int64_t r0, int64_t r1,
+                                 const float* factor_end, acc_t* sq_out) {
+  using V = typename Vec<acc_t, kBytes>::type;
+  constexpr int64_t kLanes = kBytes / sizeof(acc_t);
   using F = typename Vec<float, kLanes * sizeof(float)>::type;  // floats filling one V
   using Index = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
-  using I = typename Vec<Index, 64>::type;
+  using I = typename Vec<Index, kBytes>::type;
   I lane;
   for (int64_t k = 0; k < kLanes; ++k) {
     lane[k] = static_cast<Index>(k);
   }
-  acc_t sq = 0;
-  for (int64_t i = 0; i < dim; ++i) {
+  acc_t sq = *sq_out;
+  for (int64_t i = r0; i < r1; ++i) {
     const float* row = factor + packed_row_offset(i);
     const int64_t len = i + 1;
     V a0 = {}, a1 = {};  // two chains hide the FMA latency
@@ -163,10 +185,10 @@ STNPADIM_INLINE acc_t single_sq_norm(const float* factor, const acc_t* d, int64_
     } else {
       y = row_dot(row, d, 1, j, len);
     }
-    y += hsum<acc_t, 64>(a0 + a1);
+    y += hsum<acc_t, kBytes>(a0 + a1);
     sq += y * y;
   }
-  return sq;
+  *sq_out = sq;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -179,11 +201,35 @@ struct Args {
   int64_t batch, dim, patches;
 };
 
-// Lane counts of the wide and the narrow tile (64- and 32-byte vectors).
-template <typename acc_t>
-constexpr int64_t kWide = 64 / sizeof(acc_t);
-template <typename acc_t>
-constexpr int64_t kNarrow = 32 / sizeof(acc_t);
+// The tile kinds, with their widths per variant and a cost per patch that plan_tiles
+// minimises. A tile of one register's lanes costs one FMA per factor element; a pair of
+// registers shares each factor broadcast between them (fewer loads per FMA); a lone
+// element is a dot product over j, a vector of factor elements per FMA.
+enum TileKind : int { kPair = 0, kOne = 1, kNarrow = 2, kSingle = 3 };
+
+template <CpuCapability kCap, typename acc_t>
+struct Widths {
+  static constexpr int kBytes = kVectorBytes<kCap>;  // one register
+  static constexpr bool kWide = kVectorRegisters<kCap> >= 32;
+  // Row blocks: accumulators (rows x registers per row) + the d loads + a broadcast must
+  // fit the registers, 16 below AVX-512 (8 + 1 + 1 and 12 + 2 + 1), 32 with it.
+  static constexpr int kPairRows = kWide ? 8 : 6;
+  static constexpr int kOneRows = 8;
+  // Half-register tiles help where a full register costs more than half of one (AVX-512
+  // on double-pumped or down-clocking cores); elsewhere a half-empty register costs the same.
+  static constexpr int kNarrowBytes = kCap == CpuCapability::kAvx512 ? 32 : 0;
+  static constexpr std::array<int64_t, 4> kLanes = {2 * kBytes / int64_t(sizeof(acc_t)),
+                                                    kBytes / int64_t(sizeof(acc_t)),
+                                                    kNarrowBytes / int64_t(sizeof(acc_t)), 1};
+  // Time per patch relative to a one-register tile (0: kind not used). Default and AVX2:
+  // measured on a 2-core AMD EPYC (Zen 3), C = 550, one thread, factor in L3: a pair takes
+  // 1.4-1.5x a one-register tile, a lone element 0.35-0.45x of one (B = 3 is faster as a
+  // tile, B = 2 about even). AVX-512 keeps the thresholds measured for the earlier kernel
+  // (8-lane tiles from 2 elements, 16-lane above 8); pairs there are not measured, so unused.
+  static constexpr std::array<double, 4> kCost =
+      kCap == CpuCapability::kAvx512 ? std::array<double, 4>{0.0, 1.0, 0.55, 0.3}
+                                     : std::array<double, 4>{1.5, 1.0, 0.0, 0.4};
+};
 
 // Patches staged together. For [B, C, P] input, staging reads emb[b, j, p0 : p0 + block]
 // from B * C rows on as many pages: a wide block spreads each page walk and cache-line
@@ -191,34 +237,50 @@ constexpr int64_t kNarrow = 32 / sizeof(acc_t);
 constexpr int64_t kPatchBlock = 64;
 // ... as long as the staged tiles of one block stay within this (L2/L3-sized) budget.
 constexpr int64_t kStageBytes = 2 * 1024 * 1024;
+// Factor rows per panel: every tile runs over a panel while it stays in L2.
+constexpr int64_t kPanelBytes = 128 * 1024;
+// Panels start at multiples of this (every kind's row block), so only a patch's last rows
+// run one by one.
+constexpr int64_t kPanelRowStep = 24;
 
 // A batch tile: lanes batch elements from b0 (n of them real, the rest zero padding),
-// staged at offset in a patch's buffer as d[j * lanes + l].
+// staged at offset in a patch's buffer as d[j * lanes + l]; its squared norms accumulate
+// at sq in the patch's sums.
 struct Tile {
-  int64_t b0, n, lanes, offset;
+  int64_t b0, n, lanes, offset, sq;
+  TileKind kind;
 };
 
-template <typename acc_t>
+// Covers the batch with tiles of least total cost: cost[b] = the cheapest way to cover b
+// elements, a tile of some kind plus the cheapest cover of the rest.
+template <CpuCapability kCap, typename acc_t>
 std::vector<Tile> plan_tiles(int64_t batch, int64_t dim) {
-  // A tile with fewer live lanes than this costs more padded than one dot product per lane.
-  constexpr int64_t kMinNarrow = kNarrow<acc_t> / 4 > 1 ? kNarrow<acc_t> / 4 : 2;
-  std::vector<Tile> tiles;
-  int64_t offset = 0;
-  auto add = [&](int64_t b0, int64_t n, int64_t lanes) {
-    tiles.push_back({b0, n, lanes, offset});
-    offset += lanes * dim;
-  };
-  for (int64_t b0 = 0; b0 < batch; b0 += kWide<acc_t>) {
-    const int64_t n = std::min(kWide<acc_t>, batch - b0);
-    if (n > kNarrow<acc_t>) {
-      add(b0, n, kWide<acc_t>);
-    } else if (n >= kMinNarrow) {
-      add(b0, n, kNarrow<acc_t>);
-    } else {
-      for (int64_t l = 0; l < n; ++l) {
-        add(b0 + l, 1, 1);
+  using W = Widths<kCap, acc_t>;
+  std::vector<double> cost(batch + 1, 0.0);
+  std::vector<int> choice(batch + 1, kSingle);
+  for (int64_t b = 1; b <= batch; ++b) {
+    cost[b] = std::numeric_limits<double>::infinity();
+    for (int k = 0; k < 4; ++k) {
+      if (W::kCost[k] <= 0.0) {
+        continue;
+      }
+      const double c = W::kCost[k] + cost[std::max<int64_t>(0, b - W::kLanes[k])];
+      if (c < cost[b]) {
+        cost[b] = c;
+        choice[b] = k;
       }
     }
+  }
+  std::vector<Tile> tiles;
+  int64_t offset = 0, sq = 0;
+  for (int64_t b0 = 0; b0 < batch;) {
+    const TileKind kind = static_cast<TileKind>(choice[batch - b0]);
+    const int64_t lanes = W::kLanes[kind];
+    const int64_t n = std::min(lanes, batch - b0);
+    tiles.push_back({b0, n, lanes, offset, sq, kind});
+    offset += lanes * dim;
+    sq += lanes;
+    b0 += n;
   }
   return tiles;
 }
@@ -295,34 +357,58 @@ STNPADIM_INLINE void prefetch_stage(const Args<scalar_t, acc_t>& a, const std::v
   }
 }
 
+// Squared norms of one patch for every tile, into sq (the tiles' lanes, zeroed here).
+template <CpuCapability kCap, typename acc_t>
+STNPADIM_INLINE void patch_sq_norms(const std::vector<Tile>& tiles, const float* factor, const acc_t* d,
+                                    int64_t dim, const float* factor_end, acc_t* sq) {
+  using W = Widths<kCap, acc_t>;
+  std::fill_n(sq, tiles.back().sq + tiles.back().lanes, acc_t(0));
+  for (int64_t r0 = 0; r0 < dim;) {
+    // Rows [r0, r1): as many as fit kPanelBytes, in steps of kPanelRowStep.
+    int64_t r1 = std::min(dim, r0 + kPanelRowStep);
+    while (r1 < dim && static_cast<int64_t>(sizeof(float)) *
+                               (packed_row_offset(r1 + kPanelRowStep) - packed_row_offset(r0)) <= kPanelBytes) {
+      r1 = std::min(dim, r1 + kPanelRowStep);
+    }
+    for (const Tile& t : tiles) {
+      const acc_t* dt = d + t.offset;
+      acc_t* st = sq + t.sq;
+      if (t.kind == kPair) {
+        tile_rows<acc_t, W::kBytes, 2, W::kPairRows>(factor, dt, r0, r1, st);
+      } else if (t.kind == kOne) {
+        tile_rows<acc_t, W::kBytes, 1, W::kOneRows>(factor, dt, r0, r1, st);
+      } else if (t.kind == kNarrow) {
+        if constexpr (W::kNarrowBytes > 0) {
+          tile_rows<acc_t, W::kNarrowBytes, 1, W::kOneRows>(factor, dt, r0, r1, st);
+        }
+      } else {
+        single_rows<acc_t, W::kBytes>(factor, dt, r0, r1, factor_end, st);
+      }
+    }
+    r0 = r1;
+  }
+}
+
 // Patches p0 .. p0 + np - 1; next_p0 (if below the patch count) is the block that this
 // thread does next, whose staging input is prefetched meanwhile.
-template <typename scalar_t, typename acc_t>
+template <CpuCapability kCap, typename scalar_t, typename acc_t>
 STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t>& a, const std::vector<Tile>& tiles,
                                  int64_t patch_stride, int64_t p0, int64_t np, int64_t next_p0,
-                                 int64_t block, std::vector<acc_t>& buf) {
+                                 int64_t block, std::vector<acc_t>& buf, std::vector<acc_t>& sq) {
   stage(a, tiles, p0, np, patch_stride, buf.data());
   const bool prefetch = next_p0 < a.patches;
   const int64_t next_np = std::min(block, a.patches - next_p0);
   const float* factor_end = a.factor + a.patches * packed_size(a.dim);
-  acc_t sq[kWide<acc_t>];
   for (int64_t q = 0; q < np; ++q) {
     if (prefetch) {
       prefetch_stage(a, tiles, next_p0, next_np, q, np);
     }
     const int64_t p = p0 + q;
-    const float* factor = a.factor + p * packed_size(a.dim);
-    const acc_t* d = buf.data() + q * patch_stride;
+    patch_sq_norms<kCap>(tiles, a.factor + p * packed_size(a.dim), buf.data() + q * patch_stride, a.dim,
+                         factor_end, sq.data());
     for (const Tile& t : tiles) {
-      if (t.lanes == kWide<acc_t>) {
-        tile_sq_norm<acc_t, 64>(factor, d + t.offset, a.dim, sq);
-      } else if (t.lanes == kNarrow<acc_t>) {
-        tile_sq_norm<acc_t, 32>(factor, d + t.offset, a.dim, sq);
-      } else {
-        sq[0] = single_sq_norm(factor, d + t.offset, a.dim, factor_end);
-      }
       for (int64_t l = 0; l < t.n; ++l) {
-        a.out[(t.b0 + l) * a.patches + p] = std::sqrt(sq[l]);
+        a.out[(t.b0 + l) * a.patches + p] = std::sqrt(sq[t.sq + l]);
       }
     }
   }
@@ -330,14 +416,16 @@ STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t>& a, const std::vect
 
 // Claims patch blocks from a shared counter until none is left: threads that the shared
 // machine slows down take fewer blocks instead of holding up the others.
-template <typename scalar_t, typename acc_t>
+template <CpuCapability kCap, typename scalar_t, typename acc_t>
 STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>& next_block) {
-  const std::vector<Tile> tiles = plan_tiles<acc_t>(a.batch, a.dim);
+  const std::vector<Tile> tiles = plan_tiles<kCap, acc_t>(a.batch, a.dim);
   const int64_t patch_stride = tiles.back().offset + tiles.back().lanes * a.dim;
   const int64_t block = std::clamp<int64_t>(
       kStageBytes / static_cast<int64_t>(patch_stride * sizeof(acc_t)), 1, kPatchBlock);
-  // kWide spare elements: single_sq_norm reads a full vector at the end of d.
-  std::vector<acc_t> buf(static_cast<size_t>(block * patch_stride + kWide<acc_t>));
+  // Spare elements: single_rows reads a full vector at the end of d.
+  constexpr int64_t kSpare = kVectorBytes<kCap> / sizeof(acc_t);
+  std::vector<acc_t> buf(static_cast<size_t>(block * patch_stride + kSpare));
+  std::vector<acc_t> sq(static_cast<size_t>(tiles.back().sq + tiles.back().lanes));
   // A lone embedding claims its next block before this one is done, so that the block's
   // input can be fetched meanwhile. Batches do not: their blocks are long, and a thread
   // that the shared machine preempts would hold two of them back from the others.
@@ -345,27 +433,45 @@ STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>
   int64_t p0 = block * next_block++;
   while (p0 < a.patches) {
     const int64_t next_p0 = ahead ? block * next_block++ : a.patches;
-    patch_block(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), next_p0, block, buf);
+    patch_block<kCap>(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), next_p0, block, buf, sq);
     p0 = ahead ? next_p0 : block * next_block++;
   }
 }
 
-// One entry point per input dtype, each cloned per ISA.
-#define STNPADIM_WORKER(scalar_t, acc_t)                                                   \
-  STNPADIM_ISA_CLONES void worker_entry(const Args<scalar_t, acc_t>& a,                    \
-                                        std::atomic<int64_t>& next_block) {                \
-    worker(a, next_block);                                                                 \
-  }
-STNPADIM_WORKER(float, float)
-STNPADIM_WORKER(double, double)
-STNPADIM_WORKER(c10::Half, float)
-STNPADIM_WORKER(c10::BFloat16, float)
+// One entry point per input dtype and instruction-set variant.
+#define STNPADIM_WORKER(name, scalar_t, acc_t) \
+  STNPADIM_CPU_VARIANTS(void, name, worker, \
+                        (const Args<scalar_t, acc_t>& a, std::atomic<int64_t>& next_block), (a, next_block))
+STNPADIM_WORKER(worker_float, float, float)
+STNPADIM_WORKER(worker_double, double, double)
+STNPADIM_WORKER(worker_half, c10::Half, float)
+STNPADIM_WORKER(worker_bfloat16, c10::BFloat16, float)
 #undef STNPADIM_WORKER
+
+using FloatWorker = void (*)(const Args<float, float>&, std::atomic<int64_t>&);
+using DoubleWorker = void (*)(const Args<double, double>&, std::atomic<int64_t>&);
+using HalfWorker = void (*)(const Args<c10::Half, float>&, std::atomic<int64_t>&);
+using BFloat16Worker = void (*)(const Args<c10::BFloat16, float>&, std::atomic<int64_t>&);
+
+FloatWorker pick_worker(CpuCapability cap, const Args<float, float>&) {
+  return pick_variant<FloatWorker>(cap, worker_float_default, worker_float_avx2, worker_float_avx512);
+}
+DoubleWorker pick_worker(CpuCapability cap, const Args<double, double>&) {
+  return pick_variant<DoubleWorker>(cap, worker_double_default, worker_double_avx2, worker_double_avx512);
+}
+HalfWorker pick_worker(CpuCapability cap, const Args<c10::Half, float>&) {
+  return pick_variant<HalfWorker>(cap, worker_half_default, worker_half_avx2, worker_half_avx512);
+}
+BFloat16Worker pick_worker(CpuCapability cap, const Args<c10::BFloat16, float>&) {
+  return pick_variant<BFloat16Worker>(cap, worker_bfloat16_default, worker_bfloat16_avx2,
+                                      worker_bfloat16_avx512);
+}
 
 at::Tensor mahalanobis_forward_kernel(const at::Tensor& emb, const at::Tensor& mean,
                                       const at::Tensor& factor_packed) {
   mahalanobis_check_inputs(emb, mean, factor_packed);
   TORCH_CHECK(emb.device().is_cpu(), "emb must be a CPU tensor");
+  const CpuCapability cap = cpu_capability();  // before any work: a refused variant raises here
   const at::Tensor mean_c = mean.contiguous();
   const at::Tensor factor_c = factor_packed.contiguous();
   const int64_t batch = emb.size(0), dim = emb.size(1), patches = emb.size(2);
@@ -382,10 +488,11 @@ at::Tensor mahalanobis_forward_kernel(const at::Tensor& emb, const at::Tensor& m
                                          factor_c.const_data_ptr<float>(),
                                          out.mutable_data_ptr<acc_t>(),
                                          batch, dim, patches};
+        const auto work = pick_worker(cap, args);
         std::atomic<int64_t> next_block{0};
         at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
-            worker_entry(args, next_block);
+            work(args, next_block);
           }
         });
       });

@@ -5,10 +5,16 @@
 // reuses them; neighbouring threads read neighbouring input pixels and write coalesced.
 // When there are too few pixels to fill the GPU, grid.z splits the channels as well.
 // Backward: one thread per output pixel again, a 2-D grid whose y index is the image.
-// grad_input is scattered with atomics (fastAtomicAdd for half types); theta's gradient
-// is summed per thread, reduced across the block, then added with one atomic per block
-// and matrix entry into a float32 (float64 for double) accumulator.
-// Half and bfloat16 data are read and written as such and computed in float32.
+// grad_input is scattered with atomics into an accumulator of the math type (float32 for
+// half types, so that the many taps landing on one pixel are not summed in 16 bits);
+// theta's gradient is summed per thread, reduced across the block, then added with one
+// atomic per block and matrix entry into a float32 (float64 for double) accumulator.
+//
+// Half and bfloat16 (the contract of stnpadim_ext.ops.affine_sample, as on the CPU):
+// pixels and theta are read as such and upcast exactly; base coordinates, sampling
+// coordinates, weights and sums are float32; each result is rounded once to the dtype. So
+// a half result is the float32 result on the same (half) inputs, rounded. torch's own
+// composition instead rounds affine_grid's coordinates to the dtype.
 //
 // Matching torch on CUDA: only taps inside the image are read, whatever their weight
 // (an Inf pixel under a zero weight gives NaN, as in torch); NaN or infinite sampling
@@ -194,7 +200,7 @@ template <typename scalar_t, int64_t kMode>
 __global__ void __launch_bounds__(kThreads) affine_sample_backward_kernel_impl(
     const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
     const scalar_t* __restrict__ theta, const at::opmath_type<scalar_t>* __restrict__ base_x,
-    const at::opmath_type<scalar_t>* __restrict__ base_y, scalar_t* __restrict__ grad_input,
+    const at::opmath_type<scalar_t>* __restrict__ base_y, at::opmath_type<scalar_t>* __restrict__ grad_input,
     at::opmath_type<scalar_t>* __restrict__ theta_acc, const Shape s) {
   using T = at::opmath_type<scalar_t>;
   constexpr bool kTheta = kMode != kNearest;
@@ -224,8 +230,7 @@ __global__ void __launch_bounds__(kThreads) affine_sample_backward_kernel_impl(
             const bool inside = ty.in[j] && tx.in[k];
             // Every tap inside gets its share, even a zero one: 0 * NaN is NaN in torch too.
             if (grad_input != nullptr && inside) {
-              at::native::fastAtomicAdd(grad_input, idx, gi_numel,
-                                        static_cast<scalar_t>(ty.w[j] * tx.w[k] * g), true);
+              at::native::fastAtomicAdd(grad_input, idx, gi_numel, ty.w[j] * tx.w[k] * g, true);
             }
             if constexpr (kTheta) {
               if (theta_acc != nullptr) {
@@ -353,11 +358,12 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
   const c10::cuda::CUDAGuard device_guard(grad_output.device());
   const int64_t N = grad_output.size(0), C = grad_output.size(1);
   const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
-  at::Tensor grad_input = input_grad ? at::zeros({N, C, in_h, in_w}, grad_output.options())
-                                     : at::empty({0}, grad_output.options());
+  // Scattered into the math type (float32 for half types), rounded to the dtype at the end.
+  const auto acc_dtype = theta.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad_input_acc = input_grad ? at::zeros({N, C, in_h, in_w}, grad_output.options().dtype(acc_dtype))
+                                         : at::empty({0}, grad_output.options().dtype(acc_dtype));
   // Nearest sampling is piecewise constant: theta's gradient is zero.
   const bool reduce_theta = theta_grad && interpolation != kNearest;
-  const auto acc_dtype = theta.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor theta_acc = at::zeros({reduce_theta ? N : 0, 6}, theta.options().dtype(acc_dtype));
   auto finish = [&] {
     at::Tensor grad_theta = theta_grad ? theta_acc.view({-1, 2, 3}).to(theta.scalar_type())
@@ -365,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
     if (theta_grad && !reduce_theta) {
       grad_theta = at::zeros({N, 2, 3}, theta.options());
     }
-    return std::make_tuple(grad_input, grad_theta);
+    return std::make_tuple(grad_input_acc.to(grad_output.scalar_type()), grad_theta);
   };
   if (grad_output.numel() == 0 || (!input_grad && !reduce_theta)) {
     return finish();
@@ -384,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> affine_sample_backward_kernel(
       kernel<<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           gout.const_data_ptr<scalar_t>(), reduce_theta ? x.const_data_ptr<scalar_t>() : nullptr,
           theta_c.const_data_ptr<scalar_t>(), base_x.const_data_ptr<opmath_t>(),
-          base_y.const_data_ptr<opmath_t>(), input_grad ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          base_y.const_data_ptr<opmath_t>(), input_grad ? grad_input_acc.mutable_data_ptr<opmath_t>() : nullptr,
           reduce_theta ? theta_acc.mutable_data_ptr<opmath_t>() : nullptr, s);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };

@@ -1,0 +1,140 @@
+"""CPU kernel variants: the dispatch names and honours STNPADIM_CPU_CAPABILITY, refuses what
+the CPU cannot run, and every variant this CPU runs agrees with the float64 references.
+
+Each variant has its own vector and tile widths (16 / 32 / 64-byte vectors, one- and
+two-register batch tiles, dot products for lone elements), so the batch sizes below cross
+every tile boundary of every variant: 0..40 and a few beyond.
+"""
+import pytest
+import tolerances
+import torch
+
+import stnpadim_ext as sp
+from stnpadim_ext import _backend
+from stnpadim_ext.ops.mahalanobis import mahalanobis_reference
+
+pytestmark = pytest.mark.skipif(not _backend.has_kernel("mahalanobis", "cpu"),
+                                reason="stnpadim_ext._C (CPU kernels) not built")
+
+ALL = ("default", "avx2", "avx512")
+RUNNABLE = _backend.cpu_capabilities()
+
+
+@pytest.fixture(params=RUNNABLE)
+def capability(request, monkeypatch):
+    """Runs the test under each variant this CPU can run."""
+    monkeypatch.setenv("STNPADIM_CPU_CAPABILITY", request.param)
+    return request.param
+
+
+def test_best_variant_is_used_by_default(monkeypatch):
+    monkeypatch.delenv("STNPADIM_CPU_CAPABILITY", raising=False)
+    info = sp.backend_info()
+    assert info["cpu_capabilities"] == RUNNABLE
+    assert RUNNABLE[0] == "default" and set(RUNNABLE) <= set(ALL)
+    assert info["cpu_capability"] == RUNNABLE[-1]
+    # What the CPU reports agrees with the variants offered (x86-64 Linux only).
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return
+    if "avx512f" in flags and "avx512bw" in flags and "avx512vl" in flags and "avx512dq" in flags:
+        assert "avx512" in RUNNABLE
+    if "avx2" in flags and "fma" in flags:
+        assert "avx2" in RUNNABLE
+    if "avx2" not in flags:
+        assert RUNNABLE == ["default"]
+
+
+def test_env_forces_the_variant(capability):
+    assert sp.backend_info()["cpu_capability"] == capability
+
+
+def test_env_is_case_insensitive(monkeypatch):
+    monkeypatch.setenv("STNPADIM_CPU_CAPABILITY", RUNNABLE[-1].upper())
+    assert sp.backend_info()["cpu_capability"] == RUNNABLE[-1]
+
+
+def test_unknown_variant_is_refused(monkeypatch):
+    monkeypatch.setenv("STNPADIM_CPU_CAPABILITY", "sse9")
+    with pytest.raises(RuntimeError, match="must be default, avx2 or avx512.*got 'sse9'"):
+        sp.backend_info()
+    emb = torch.randn(2, 3, 4)
+    g = sp.GaussianStats(4, 3).update(torch.randn(10, 3, 4)).finalize()
+    with pytest.raises(RuntimeError, match="STNPADIM_CPU_CAPABILITY"):
+        sp.mahalanobis(emb, g)
+
+
+@pytest.mark.skipif(len(RUNNABLE) == len(ALL), reason="this CPU runs every variant")
+def test_variant_the_cpu_cannot_run_is_refused(monkeypatch):
+    missing = ALL[len(RUNNABLE)]
+    monkeypatch.setenv("STNPADIM_CPU_CAPABILITY", missing)
+    match = f"STNPADIM_CPU_CAPABILITY={missing} asks for the {missing} kernels, but this CPU lacks"
+    with pytest.raises(RuntimeError, match=match):
+        sp.backend_info()
+    x, theta = torch.rand(1, 2, 5, 5), torch.eye(2, 3)[None]
+    with pytest.raises(RuntimeError, match=match):
+        sp.affine_sample(x, theta)
+    g = sp.GaussianStats(4, 3).update(torch.randn(10, 3, 4)).finalize()
+    with pytest.raises(RuntimeError, match=match):
+        sp.mahalanobis(torch.randn(2, 3, 4), g)
+
+
+def _gaussian(patches, dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    train = torch.randn(dim + 8, dim, patches, generator=gen, dtype=torch.float64)
+    train = train * torch.rand(1, dim, 1, generator=gen, dtype=torch.float64) * 3
+    return sp.GaussianStats(patches, dim).update(train).finalize()
+
+
+@pytest.mark.parametrize("dim", [1, 3, 8, 13, 24, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_mahalanobis_every_batch_size(capability, dim, dtype):
+    g = _gaussian(7, dim, dim)
+    emb = (torch.randn(97, dim, 7, dtype=torch.float64) * 2 + g.mean.T.double()).to(dtype)
+    want = mahalanobis_reference(emb.double(), g)
+    rtol, atol = tolerances.mahalanobis_tolerance(emb, g, want)
+    for batch in [*range(41), 47, 64, 65, 97]:
+        got = sp.mahalanobis(emb[:batch], g)
+        assert got.shape == (batch, 7)
+        torch.testing.assert_close(got.double(), want[:batch], rtol=rtol, atol=atol,
+                                   msg=lambda m, b=batch: f"B={b}: {m}")
+
+
+def test_mahalanobis_strided_large_dim(capability):
+    """C = 130 spans several factor panels; [B, P, C] memory (stride_c = 1) and a batch slice."""
+    g = _gaussian(5, 130, 0)
+    base = torch.randn(40, 5, 130) * 2 + g.mean
+    emb = base.permute(0, 2, 1)[::2]                                 # [20, 130, 5], strided
+    want = mahalanobis_reference(emb.double(), g)
+    rtol, atol = tolerances.mahalanobis_tolerance(emb, g, want)
+    torch.testing.assert_close(sp.mahalanobis(emb, g).double(), want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(sp.mahalanobis(emb[:1], g).double(), want[:1], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("shape", [(2, 3, 9, 12), (1, 20, 7, 10)])  # 20 channels: the interleaved kernels
+def test_affine_sample_forward_and_backward(capability, mode, padding_mode, shape):
+    x = torch.rand(*shape)
+    theta = torch.eye(2, 3) + 0.3 * torch.randn(shape[0], 2, 3)
+    size = (8, 11)
+    if mode == "nearest":  # every pick unambiguous, so gradients compare too
+        for _ in range(50):
+            grid = torch.nn.functional.affine_grid(theta.double(), (shape[0], 1, *size), align_corners=False)
+            pix = torch.stack([((grid[..., 0] + 1) * shape[3] - 1) / 2, ((grid[..., 1] + 1) * shape[2] - 1) / 2])
+            if ((pix - pix.floor() - 0.5).abs() > 1e-3).all():
+                break
+            theta = torch.eye(2, 3) + 0.3 * torch.randn(shape[0], 2, 3)
+    g = torch.randn(shape[0], shape[1], *size)
+    xs, ts = x.clone().requires_grad_(), theta.clone().requires_grad_()
+    out = sp.affine_sample(xs, ts, size, mode, padding_mode)
+    want = tolerances.truth(x, theta, size, mode, padding_mode, False)
+    rtol, atol = tolerances.forward_tolerance(x, theta, mode)
+    torch.testing.assert_close(out.double(), want, rtol=rtol, atol=atol)
+    gx, gt = torch.autograd.grad(out, (xs, ts), g)
+    wx, wt = tolerances.truth_grads(x, theta, g, size, mode, padding_mode, False)
+    rtol, atol = tolerances.grad_x_tolerance(x, theta, g, size, mode, padding_mode, False)
+    torch.testing.assert_close(gx.double(), wx, rtol=rtol, atol=atol)
+    rtol, atol = tolerances.grad_theta_tolerance(x, theta, g, size, mode)
+    torch.testing.assert_close(gt.double(), wt, rtol=rtol, atol=atol)
