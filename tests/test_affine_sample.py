@@ -405,6 +405,8 @@ def test_reference_path_without_extension():
 # reads and writes, SIGSEGV at 1 x 1 x 64 x 16384.
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
+# Tests that run on the CPU now and on CUDA where a GPU and the CUDA kernels are present.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda_kernel])]
 
 
 def check_against_truth(x, theta, size, mode, padding_mode, align_corners, g=None):
@@ -456,44 +458,47 @@ def test_cpu_low_precision_is_float32_rounded_once(mode, padding_mode, align_cor
 
 
 @needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("mode", MODES)
-def test_cpu_low_precision_channels_last_offsets_past_2_15(dtype, mode):
-    x = torch.rand(2, 5, 70, 131).to(dtype).to(memory_format=torch.channels_last)
+def test_low_precision_channels_last_offsets_past_2_15(device, dtype, mode):
+    x = torch.rand(2, 5, 70, 131).to(device, dtype).to(memory_format=torch.channels_last)
     assert (x.shape[2] - 1) * x.stride(2) + (x.shape[3] - 1) * x.stride(3) >= 2**15
-    theta = random_theta(2).to(dtype)
-    g = torch.randn(2, 5, 61, 97).to(dtype)
+    theta = random_theta(2).to(device, dtype)
+    g = torch.randn(2, 5, 61, 97).to(device, dtype)
     check_against_truth(x, theta, (61, 97), mode, "zeros", False, g)
 
 
 @needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_cpu_low_precision_reads_and_writes_only_the_tensor(dtype):
+def test_low_precision_reads_and_writes_only_the_tensor(device, dtype):
     """A 1 x 1 x 3 x 16384 plane behind 2^15 elements holding 1000: torch 2.14's CPU half
     sampler returned that value (its offsets wrap) and its input gradient summed to 0."""
-    storage = torch.full((2**15 + 3 * 16384,), 1000.0, dtype=dtype)
+    storage = torch.full((2**15 + 3 * 16384,), 1000.0, dtype=dtype, device=device)
     x = storage[2**15:].view(1, 1, 3, 16384)
     x.copy_(torch.rand(1, 1, 3, 16384))
-    theta = torch.tensor([[[1.0, 0.0, 2**-15], [0.0, 1.0, 0.3]]], dtype=dtype)  # (0.25, 0.45) px
+    theta = torch.tensor([[[1.0, 0.0, 2**-15], [0.0, 1.0, 0.3]]], dtype=dtype, device=device)  # (0.25, 0.45) px
     out, _ = check_against_truth(x, theta, (3, 16384), "bilinear", "zeros", False)
     assert out.max() <= 1
     # One output pixel's gradient: its four taps are inside, their weights sum to 1.
     xg = x.detach().clone().requires_grad_()
-    g = torch.zeros(1, 1, 3, 16384, dtype=dtype)
+    g = torch.zeros(1, 1, 3, 16384, dtype=dtype, device=device)
     g[0, 0, 1, 20000 % 16384] = 1
     (gx,) = torch.autograd.grad(affine_sample(xg, theta), xg, g)
     assert (gx != 0).sum() == 4 and gx.min() >= 0
     assert abs(gx.double().sum().item() - 1) <= 4 * tolerances.unit_roundoff(dtype)
-    assert torch.equal(storage[: 2**15], torch.full((2**15,), 1000.0, dtype=dtype))
+    assert torch.equal(storage[: 2**15], torch.full((2**15,), 1000.0, dtype=dtype, device=device))
 
 
 @needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-def test_cpu_low_precision_wide_plane_forward_and_backward(dtype):
+def test_low_precision_wide_plane_forward_and_backward(device, dtype):
     """1 x 1 x 64 x 16384: torch 2.14's CPU half sampler died with SIGSEGV here."""
-    x = torch.rand(1, 1, 64, 16384).to(dtype)
-    theta = (torch.eye(2, 3) + 0.02 * torch.randn(1, 2, 3)).to(dtype)
-    g = (torch.rand(1, 1, 64, 16384) * 2**-10).to(dtype)  # small: theta's gradient stays finite in float16
+    x = torch.rand(1, 1, 64, 16384).to(device, dtype)
+    theta = (torch.eye(2, 3) + 0.02 * torch.randn(1, 2, 3)).to(device, dtype)
+    g = (torch.rand(1, 1, 64, 16384) * 2**-10).to(device, dtype)  # small: theta's gradient stays finite in float16
     _, (gx, gt) = check_against_truth(x, theta, (64, 16384), "bilinear", "zeros", False, g)
     # Sums of the input gradient: every output's weights land in grad_input (none lost).
     wx, _ = tolerances.truth_grads(x, theta, g, (64, 16384), "bilinear", "zeros", False)
@@ -589,6 +594,52 @@ def test_cuda_low_precision_beats_dtype_coordinates(dtype):
 
 @pytest.mark.cuda
 @needs_cuda_kernel
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_cuda_non_default_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run on the tensors' device."""
+    x = torch.rand(2, 3, 17, 23, device="cuda:1", requires_grad=True)
+    theta = random_theta(2, device="cuda:1").requires_grad_()
+    g = torch.randn(2, 3, 11, 13, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    out = affine_sample(x, theta, (11, 13), "bicubic", "reflection")
+    assert out.device == x.device
+    check_against_truth(x.detach(), theta.detach(), (11, 13), "bicubic", "reflection", False, g)
+    torch.testing.assert_close(out.cpu(), affine_sample(x.detach().cpu(), theta.detach().cpu(), (11, 13),
+                                                        "bicubic", "reflection"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_input_over_2_31_elements(dtype):
+    """3 x 27000 x 27000 = 2.19e9 elements: the last channel's lower rows lie past 2^31, and
+    the window sampled is there. Forward and gradients vs the reference (torch's float32
+    composition, 64-bit indexing) on the same tensor."""
+    need = 3 * 27000 * 27000 * (4 * 3 + 2 * torch.finfo(dtype).bits // 8)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    x = torch.empty(1, 3, 27000, 27000, device="cuda", dtype=dtype)
+    x[:, :, 25000:].uniform_()
+    x[:, :, :25000].fill_(5.0)  # any read of the wrong rows shows
+    assert x.numel() > 2**31 and 2 * x.stride(1) + 25900 * x.stride(2) > 2**31
+    theta = torch.tensor([[[0.03, 0.01, 0.93], [-0.01, 0.03, 0.94]]], device="cuda", dtype=dtype)
+    xg, tg = x.requires_grad_(), theta.clone().requires_grad_()
+    out = affine_sample(xg, tg, (64, 64))
+    assert out.max() <= 1
+    ref = affine_sample_reference(x.detach(), theta, (64, 64))
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 * tolerances.unit_roundoff(dtype), atol=1e-4)
+    g = torch.rand(1, 3, 64, 64, device="cuda", dtype=dtype)
+    gx, gt = torch.autograd.grad(out, (xg, tg), g)
+    assert gx[:, :, :25000].count_nonzero() == 0
+    xr, tr = x.detach().float().requires_grad_(), theta.float().requires_grad_()
+    rx, rt = torch.autograd.grad(affine_sample_reference(xr, tr, (64, 64)), (xr, tr), g.float())
+    torch.testing.assert_close(gx[:, :, 25000:].float(), rx[:, :, 25000:], rtol=2 * tolerances.unit_roundoff(dtype),
+                               atol=1e-4)
+    torch.testing.assert_close(gt.float(), rt, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@needs_cuda_kernel
 def test_cuda_strided_and_gradcheck():
     base = torch.rand(2, 3, 12, 10, device="cuda", dtype=torch.float64)
     theta = random_theta(2, torch.float64, "cuda")
@@ -604,7 +655,6 @@ def test_cuda_strided_and_gradcheck():
 # These run on the CPU now and on CUDA where a GPU and the CUDA kernels are present: each
 # backend must match torch on its own device.
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda_kernel])]
 
 
 @needs_kernel
@@ -620,6 +670,22 @@ def test_nearest_2x_downsampling_is_exact(device, dtype, padding_mode, align_cor
     ref = affine_sample_reference(x, theta, (32, 28), "nearest", padding_mode, align_corners)
     if not align_corners:  # the test must be about ties: most points sit on one
         assert (~decided(theta, x.shape, (32, 28), False, margin=1e-9)).float().mean() > 0.5
+    assert torch.equal(out, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+def test_nearest_ties_under_a_quarter_turn_are_torchs(device, dtype, padding_mode):
+    """A quarter turn with 2x downsampling: every sampling point is a half-pixel tie in both
+    axes, and theta's entries (0, +-1) make the coordinates exact in any summation order,
+    so the picks must be torch's (float32 composition for the half types), bit for bit."""
+    x = torch.rand(2, 3, 48, 40).to(device, dtype)
+    theta = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]).expand(2, 2, 3).to(device, dtype)
+    out = affine_sample(x, theta, (20, 24), "nearest", padding_mode, False)
+    ref = affine_sample_reference(x, theta, (20, 24), "nearest", padding_mode, False)
+    assert (~decided(theta, x.shape, (20, 24), False, margin=1e-9)).all()
     assert torch.equal(out, ref)
 
 

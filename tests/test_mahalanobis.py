@@ -224,3 +224,16 @@ def test_cuda_non_default_stream():
         got = sp.mahalanobis(emb, g)
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_cuda_non_default_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernel runs on the tensors' device."""
+    g = random_gaussian(6, 40, seed=4)
+    emb = torch.randn(12, 40, 6) + g.mean.T
+    assert torch.cuda.current_device() == 0
+    got = sp.mahalanobis(emb.to("cuda:1"), g.to("cuda:1"))
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu().double(), mahalanobis_reference(emb.double(), g), rtol=1e-4, atol=1e-4)
