@@ -33,6 +33,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+# The export extra (onnx, onnxscript and its onnx_ir, onnxruntime): without any of them
+# every case here skips, none errors.
+for _module in ("onnx", "onnxscript", "onnx_ir"):
+    pytest.importorskip(_module, reason='needs the export extra: pip install "stnpadim[export]"')
 ort = pytest.importorskip("onnxruntime", reason='needs the export extra: pip install "stnpadim[export]"')
 CASE = f"onnx_infer:resnet18-{SIZE}-B{BATCH}-cpu"
 _results: dict[str, float] = {}

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from bench_padim import BATCH, SIZE, anomalib_fit, batches, build_anomalib, resnet18_weights
+from bench_sweep import sweep_report
 from ratios import case_table, format_table
 
+import stnpadim_ext as sp
 from stnpadim_ext.models.padim import PaDiM
 
 _rates: dict[str, dict] = {}
@@ -54,10 +56,17 @@ def _devices(records) -> list[str]:
     return ["cpu"] + (["cuda"] if cuda and torch.cuda.is_available() else [])
 
 
+def cpu_capability() -> str:
+    """The CPU kernel variant the run used by default (sweeps also force the others)."""
+    return sp.backend_info()["cpu_capability"]
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["stnpadim_cases"] = case_table(output_json["benchmarks"])
     output_json["stnpadim_rates"] = {d: machine_rates(d) for d in _devices(output_json["benchmarks"])}
     output_json["stnpadim_threads"] = torch.get_num_threads()
+    # benchmarks/gate.py compares a run with the baseline of the same capability.
+    output_json["stnpadim_cpu_capability"] = cpu_capability()
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -68,11 +77,16 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("stnpadim: speed-up over the anchor, same run")
     for device in _devices(records):
         r = machine_rates(device)
-        cases = {k: v for k, v in case_table(records).items() if ("cuda" in k) == (device == "cuda")}
+        cases = {k: v for k, v in case_table(records).items()
+                 if ("cuda" in k) == (device == "cuda") and "-sweep:" not in k}
         terminalreporter.write_line(
             f"{device}: measured ceilings {r['matmul_gflops']:.0f} GFLOP/s fp32 matmul, "
-            f"{r['copy_gbps']:.0f} GB/s copy; {torch.get_num_threads()} threads")
-        terminalreporter.write_line(format_table(cases, r["matmul_gflops"], r["copy_gbps"]))
+            f"{r['copy_gbps']:.0f} GB/s copy; {torch.get_num_threads()} threads; "
+            f"CPU kernels: {cpu_capability()}")
+        if cases:
+            terminalreporter.write_line(format_table(cases, r["matmul_gflops"], r["copy_gbps"]))
+    for line in sweep_report(records):
+        terminalreporter.write_line(line)
     for record in records:  # cases that summarise themselves (bench_padim's from-files bound)
         if "summary" in record["extra_info"]:
             terminalreporter.write_line(f"{record['extra_info']['case']}: {record['extra_info']['summary']}")

@@ -21,6 +21,13 @@ def case_table(records: list[dict]) -> dict[str, dict]:
         if role == "ours":
             row["flops"], row["bytes"] = info.get("flops", 0.0), info.get("bytes", 0.0)
             row.update({k: v for k, v in info.items() if k.startswith("peak_")})
+    # An "ours" record may name the case of its anchor (one anchor timed for several
+    # variants of ours, as in bench_sweep.py).
+    for rec in records:
+        info = rec.get("extra_info", {})
+        anchor = cases.get(info.get("anchor_case", ""), {})
+        if info.get("role") == "ours" and info.get("case") in cases and "anchor_s" in anchor:
+            cases[info["case"]].setdefault("anchor_s", anchor["anchor_s"])
     for row in cases.values():
         if "ours_s" in row and "anchor_s" in row:
             row["speedup"] = row["anchor_s"] / row["ours_s"]
