@@ -80,6 +80,7 @@ def backend_info() -> dict:
         info["cuda_archs"] = [a for a in archs.split("_") if a]
         info["openmp"] = fields.get("openmp") == "1"
         info["cuda_compiled"] = fields.get("cuda") == "1"
-    info["cpu_capability"] = torch.ops.stnpadim._cpu_capability() if HAS_EXT else "default"
+    has_variants = HAS_EXT and hasattr(torch.ops.stnpadim, "_cpu_capability")
+    info["cpu_capability"] = torch.ops.stnpadim._cpu_capability() if has_variants else "default"
     info["cpu_capabilities"] = cpu_capabilities()
     return info

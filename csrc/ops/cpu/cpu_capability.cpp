@@ -22,8 +22,18 @@ bool cpu_runs(CpuCapability cap) {
 #if STNPADIM_HAVE_ISA_VARIANTS
   __builtin_cpu_init();  // may run before libgcc's own constructor does
   // Checks the instructions and that the OS saves the wider registers (XCR0).
+#if __GNUC__ >= 12
   return cap == CpuCapability::kAvx512 ? __builtin_cpu_supports("x86-64-v4") != 0
                                        : __builtin_cpu_supports("x86-64-v3") != 0;
+#else  // GCC 11 knows the levels as targets but not here: their defining features
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  return cap == CpuCapability::kAvx512
+             ? v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512vl")
+             : v3;
+#endif
 #else
   return false;
 #endif
@@ -75,7 +85,7 @@ CpuCapability cpu_capability() {
   const CpuCapability cap = *found;
   TORCH_CHECK(static_cast<int>(cap) <= static_cast<int>(best_capability()), kEnv, "=", env,
               " asks for the ", want, " kernels, but ",
-              STNPADIM_HAVE_ISA_VARIANTS ? "this CPU lacks " : "this build (not GCC on x86-64) has no ",
+              STNPADIM_HAVE_ISA_VARIANTS ? "this CPU lacks " : "this build (not GCC 11+ on x86-64) has no ",
               STNPADIM_HAVE_ISA_VARIANTS ? missing_features(cap) : "such variant",
               "; variants it can run: ", cpu_capabilities(), " (or unset it)");
   return cap;

@@ -56,13 +56,13 @@ Fn pick_variant(CpuCapability cap, Fn fn_default, Fn fn_avx2, Fn fn_avx512) {
 
 }  // namespace stnpadim
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__)
 #define STNPADIM_HAVE_ISA_VARIANTS 1
 #define STNPADIM_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #define STNPADIM_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
-// Other compilers and architectures build the default variant only (cpu_capability()
-// never returns another); the other entry points are then plain copies of it.
+// Other compilers (clang, GCC < 11) and architectures build the default variant only
+// (cpu_capability() never returns another); the other entry points are then plain copies.
 #define STNPADIM_HAVE_ISA_VARIANTS 0
 #define STNPADIM_TARGET_AVX2
 #define STNPADIM_TARGET_AVX512
