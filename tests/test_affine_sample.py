@@ -46,17 +46,8 @@ def similarity(angle, scale, tx, ty, dtype=torch.float64):
 
 
 def decided(theta, x_shape, size, align_corners, margin=1e-3):
-    """Output pixels whose nearest-neighbour pick is unambiguous: their sampling point is
-    not within `margin` pixel of a rounding boundary (half-integers, before padding; border
-    and reflection map half-integers to half-integers). Rounding noise decides the others."""
-    grid = F.affine_grid(theta.double(), (theta.shape[0], 1, *size), align_corners=align_corners)
-    mask = torch.ones(grid.shape[:3], dtype=torch.bool, device=theta.device)
-    for axis, n in ((0, x_shape[-1]), (1, x_shape[-2])):
-        g = grid[..., axis]
-        pix = (g + 1) / 2 * (n - 1) if align_corners else ((g + 1) * n - 1) / 2
-        frac = pix - pix.floor()
-        mask &= (frac - 0.5).abs() > margin
-    return mask[:, None]
+    """Output pixels whose nearest-neighbour pick is unambiguous (tolerances.decided)."""
+    return tolerances.decided(theta, x_shape, size, align_corners, margin)
 
 
 def assert_matches_reference(out, ref, theta, x, size, mode, align_corners, tol):

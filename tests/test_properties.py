@@ -87,16 +87,6 @@ def theta_from(angle, scale, shear, tx, ty, n, gen, dtype, device):
     return theta.to(device=device, dtype=dtype)
 
 
-def decided(theta, x_shape, size, align_corners, margin):
-    grid = F.affine_grid(theta.double(), (theta.shape[0], 1, *size), align_corners=align_corners)
-    mask = torch.ones(grid.shape[:3], dtype=torch.bool, device=theta.device)
-    for axis, n in ((0, x_shape[-1]), (1, x_shape[-2])):
-        g = grid[..., axis]
-        pix = (g + 1) / 2 * (n - 1) if align_corners else ((g + 1) * n - 1) / 2
-        mask &= ((pix - pix.floor()) - 0.5).abs() > margin
-    return mask[:, None]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @examples(60)
 @given(dtype=st.sampled_from(DTYPES), layout_name=st.sampled_from(LAYOUTS), n=st.integers(1, 3),
@@ -136,7 +126,7 @@ def test_affine_sample_matches_float64_truth(device, dtype, layout_name, n, c, h
     keep = torch.ones_like(want, dtype=torch.bool)
     if mode == "nearest":  # picks within rounding of a half-pixel may go either way
         margin = max(1e-6, 2 * tolerances.coordinate_error(theta, x.shape, dtype))
-        keep = decided(theta, x.shape, size, align_corners, margin).expand_as(want)
+        keep = tolerances.decided(theta, x.shape, size, align_corners, margin).expand_as(want)
     rtol, atol = tolerances.forward_tolerance(x, theta, mode)
     torch.testing.assert_close(out.double()[keep], want[keep], rtol=rtol, atol=atol)
 

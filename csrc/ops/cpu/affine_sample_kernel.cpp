@@ -40,9 +40,9 @@
 // The extension is built for baseline x86-64 so that one wheel runs everywhere; the
 // entry points at the end of the kernels are compiled once per instruction-set variant
 // (default, AVX2, AVX-512; cpu_capability.h) and the host code runs the one in use. The
-// loops are plain C++ that GCC vectorises for each target, so nothing here has a width
-// to pick per variant (transpose_block8's 32-byte vectors are one register from AVX2 on,
-// two SSE registers in the default variant).
+// loops are plain C++ that GCC vectorises for each target; the one explicit width is the
+// interleaved kernels' transpose block (8x8 in 32-byte vectors from AVX2 on, 4x4 in
+// 16-byte vectors in the default variant, where a 32-byte shuffle is no instruction).
 
 namespace stnpadim {
 namespace {
@@ -835,7 +835,8 @@ constexpr int64_t kMaxInterleavedBlock = 64;
 constexpr int64_t kMaxInterleaved = int64_t{1} << 20;
 
 // Transposes an 8x8 float block: d[j * ds + i] = s[i * ss + j]. In GCC vector types,
-// so that every ISA clone gets its own shuffles (8 loads, 24 shuffles, 8 stores).
+// so that every variant gets its own shuffles (8 loads, 24 shuffles, 8 stores). 32-byte
+// vectors: one register from AVX2 on; the default variant uses transpose_block4.
 C10_ALWAYS_INLINE void transpose_block8(const float* __restrict s, int64_t ss, float* __restrict d,
                                         int64_t ds) {
   using v8 = float __attribute__((vector_size(32)));
@@ -862,33 +863,63 @@ C10_ALWAYS_INLINE void transpose_block8(const float* __restrict s, int64_t ss, f
   }
 }
 
+// The same for a 4x4 block in 16-byte vectors (SSE's unpck / movlh / movhl), for the
+// default variant: there a 32-byte shuffle is no instruction, and GCC's lowering of
+// transpose_block8 made the many-channel kernels slower than torch (B=8, 16 channels).
+C10_ALWAYS_INLINE void transpose_block4(const float* __restrict s, int64_t ss, float* __restrict d,
+                                        int64_t ds) {
+  using v4 = float __attribute__((vector_size(16)));
+  using m4 = int32_t __attribute__((vector_size(16)));
+  v4 r[4];
+  for (int i = 0; i < 4; ++i) {
+    std::memcpy(&r[i], s + i * ss, sizeof(v4));
+  }
+  const v4 t0 = __builtin_shuffle(r[0], r[1], m4{0, 4, 1, 5}), t1 = __builtin_shuffle(r[0], r[1], m4{2, 6, 3, 7});
+  const v4 t2 = __builtin_shuffle(r[2], r[3], m4{0, 4, 1, 5}), t3 = __builtin_shuffle(r[2], r[3], m4{2, 6, 3, 7});
+  const v4 o[4] = {__builtin_shuffle(t0, t2, m4{0, 1, 4, 5}), __builtin_shuffle(t0, t2, m4{2, 3, 6, 7}),
+                   __builtin_shuffle(t1, t3, m4{0, 1, 4, 5}), __builtin_shuffle(t1, t3, m4{2, 3, 6, 7})};
+  for (int j = 0; j < 4; ++j) {
+    std::memcpy(d + j * ds, &o[j], sizeof(v4));
+  }
+}
+
+template <int kBlock>
+C10_ALWAYS_INLINE void transpose_block(const float* __restrict s, int64_t ss, float* __restrict d, int64_t ds) {
+  if constexpr (kBlock == 8) {
+    transpose_block8(s, ss, d, ds);
+  } else {
+    transpose_block4(s, ss, d, ds);
+  }
+}
+
 // dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols. One side is
 // channel planes in memory, the other a buffer in cache: the blocks sweep the planes'
-// side eight planes at a time, so that its lines are read or written whole, in order.
-template <typename T>
+// side kBlock planes at a time, so that its lines are read or written whole, in order.
+// kBlock: 8 where 32-byte vectors are registers (AVX2, AVX-512), else 4.
+template <int kBlock, typename T>
 C10_ALWAYS_INLINE void transpose(const T* __restrict src, int64_t src_stride, T* __restrict dst,
                                  int64_t dst_stride, int64_t rows, int64_t cols) {
-  int64_t rows8 = 0, cols8 = 0;
+  int64_t rows_b = 0, cols_b = 0;
   if constexpr (std::is_same_v<T, float>) {
-    rows8 = rows & ~int64_t{7};
-    cols8 = cols & ~int64_t{7};
+    rows_b = rows & ~int64_t{kBlock - 1};
+    cols_b = cols & ~int64_t{kBlock - 1};
     if (src_stride >= dst_stride) {
-      for (int64_t i = 0; i < rows8; i += 8) {
-        for (int64_t j = 0; j < cols8; j += 8) {
-          transpose_block8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
+      for (int64_t i = 0; i < rows_b; i += kBlock) {
+        for (int64_t j = 0; j < cols_b; j += kBlock) {
+          transpose_block<kBlock>(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
         }
       }
     } else {
-      for (int64_t j = 0; j < cols8; j += 8) {
-        for (int64_t i = 0; i < rows8; i += 8) {
-          transpose_block8(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
+      for (int64_t j = 0; j < cols_b; j += kBlock) {
+        for (int64_t i = 0; i < rows_b; i += kBlock) {
+          transpose_block<kBlock>(src + i * src_stride + j, src_stride, dst + j * dst_stride + i, dst_stride);
         }
       }
     }
   }
   // The rest: all of it for double (not worth its own shuffles), edges for float.
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = i < rows8 ? cols8 : 0; j < cols; ++j) {
+    for (int64_t j = i < rows_b ? cols_b : 0; j < cols; ++j) {
       dst[j * dst_stride + i] = src[i * src_stride + j];
     }
   }
@@ -964,7 +995,7 @@ C10_ALWAYS_INLINE void add_theta_partial_channels(const ChannelSums<T>& s, int64
 // Needs H, W >= 2, so that a pixel's four taps are distinct. The input and grad_input
 // copies are whole channel blocks (the taps of a row wander over many input rows), the
 // grad_output copy one row at a time.
-template <typename T, int64_t kPad, bool kIn, bool kTheta>
+template <int kBlock, typename T, int64_t kPad, bool kIn, bool kTheta>
 C10_ALWAYS_INLINE void interleaved_tasks_mode(const Problem<T>& p, const T* gout, T* gin,
                                               const BackwardSplit& split, int64_t begin, int64_t end) {
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo, W = p.plane.W;
@@ -981,7 +1012,7 @@ C10_ALWAYS_INLINE void interleaved_tasks_mode(const Problem<T>& p, const T* gout
     const BilinearPlan<T> pl(s, plane);
     const ChannelSums<T> cs{sums.data(), sums.data() + cb, sums.data() + 2 * cb, sums.data() + 3 * cb};
     if constexpr (kTheta) {
-      transpose(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
+      transpose<kBlock>(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
     }
     if constexpr (kIn) {
       std::fill_n(q_buf.data(), HW * cb, T(0));
@@ -993,7 +1024,7 @@ C10_ALWAYS_INLINE void interleaved_tasks_mode(const Problem<T>& p, const T* gout
     for (int64_t h = 0; h < Ho; ++h) {
       const RowTransform<T> tr(p, n, h);
       plan_bilinear<T, kPad, kTheta>(pl, tr, plane, bxs, Wo);
-      transpose(gout + (n * C + c_begin) * HWo + h * Wo, HWo, g_row.data(), cb, cb, Wo);
+      transpose<kBlock>(gout + (n * C + c_begin) * HWo + h * Wo, HWo, g_row.data(), cb, cb, Wo);
       for (int64_t w = 0; w < Wo; ++w) {
         const int64_t o = pl.off[w];
         Corners<T> k;
@@ -1020,7 +1051,7 @@ C10_ALWAYS_INLINE void interleaved_tasks_mode(const Problem<T>& p, const T* gout
       }
     }
     if constexpr (kIn) {
-      transpose(qb, cb, gin + (n * C + c_begin) * HW, HW, HW, cb);
+      transpose<kBlock>(qb, cb, gin + (n * C + c_begin) * HW, HW, HW, cb);
     }
   }
 }
@@ -1038,7 +1069,7 @@ C10_ALWAYS_INLINE void blend_channels(T ax0, T ax1, T ay0, T ay1, const T* __res
 
 // Forward tasks [begin, end) on interleaved copies; a task is one image's channel block
 // [k * block, (k + 1) * block). Needs H, W >= 2 and contiguous input planes.
-template <typename T, int64_t kPad>
+template <int kBlock, typename T, int64_t kPad>
 C10_ALWAYS_INLINE void interleaved_forward_mode(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
                                                 int64_t begin, int64_t end) {
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo, W = p.plane.W;
@@ -1052,51 +1083,51 @@ C10_ALWAYS_INLINE void interleaved_forward_mode(const Problem<T>& p, T* out, int
     plane.sH = static_cast<int32_t>(W * cb);
     plane.sW = static_cast<int32_t>(cb);
     const BilinearPlan<T> pl(s, plane);
-    transpose(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
+    transpose<kBlock>(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
     for (int64_t h = 0; h < Ho; ++h) {
       plan_bilinear<T, kPad, false>(pl, RowTransform<T>(p, n, h), plane, s.bx(), Wo);
       for (int64_t w = 0; w < Wo; ++w) {
         blend_channels(pl.ax0[w], pl.ax1[w], pl.ay0[w], pl.ay1[w], x_buf.data() + pl.off[w], pl.dx, pl.dy,
                        cb, o_row.data() + w * cb);
       }
-      transpose(o_row.data(), cb, out + (n * C + c_begin) * HWo + h * Wo, HWo, Wo, cb);
+      transpose<kBlock>(o_row.data(), cb, out + (n * C + c_begin) * HWo + h * Wo, HWo, Wo, cb);
     }
   }
 }
 
-template <typename T>
+template <int kBlock, typename T>
 C10_ALWAYS_INLINE void interleaved_forward_impl(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
                                                 int64_t begin, int64_t end) {
   if (p.padding == kZeros) {
-    interleaved_forward_mode<T, kZeros>(p, out, block, per_image, begin, end);
+    interleaved_forward_mode<kBlock, T, kZeros>(p, out, block, per_image, begin, end);
   } else if (p.padding == kBorder) {
-    interleaved_forward_mode<T, kBorder>(p, out, block, per_image, begin, end);
+    interleaved_forward_mode<kBlock, T, kBorder>(p, out, block, per_image, begin, end);
   } else {
-    interleaved_forward_mode<T, kReflection>(p, out, block, per_image, begin, end);
+    interleaved_forward_mode<kBlock, T, kReflection>(p, out, block, per_image, begin, end);
   }
 }
 
-template <typename T, int64_t kPad>
+template <int kBlock, typename T, int64_t kPad>
 C10_ALWAYS_INLINE void interleaved_tasks_pad(const Problem<T>& p, const T* gout, T* gin,
                                              const BackwardSplit& split, int64_t begin, int64_t end) {
   if (gin == nullptr) {
-    interleaved_tasks_mode<T, kPad, false, true>(p, gout, gin, split, begin, end);
+    interleaved_tasks_mode<kBlock, T, kPad, false, true>(p, gout, gin, split, begin, end);
   } else if (split.partials == nullptr) {
-    interleaved_tasks_mode<T, kPad, true, false>(p, gout, gin, split, begin, end);
+    interleaved_tasks_mode<kBlock, T, kPad, true, false>(p, gout, gin, split, begin, end);
   } else {
-    interleaved_tasks_mode<T, kPad, true, true>(p, gout, gin, split, begin, end);
+    interleaved_tasks_mode<kBlock, T, kPad, true, true>(p, gout, gin, split, begin, end);
   }
 }
 
-template <typename T>
+template <int kBlock, typename T>
 C10_ALWAYS_INLINE void interleaved_tasks_impl(const Problem<T>& p, const T* gout, T* gin,
                                               const BackwardSplit& split, int64_t begin, int64_t end) {
   if (p.padding == kZeros) {
-    interleaved_tasks_pad<T, kZeros>(p, gout, gin, split, begin, end);
+    interleaved_tasks_pad<kBlock, T, kZeros>(p, gout, gin, split, begin, end);
   } else if (p.padding == kBorder) {
-    interleaved_tasks_pad<T, kBorder>(p, gout, gin, split, begin, end);
+    interleaved_tasks_pad<kBlock, T, kBorder>(p, gout, gin, split, begin, end);
   } else {
-    interleaved_tasks_pad<T, kReflection>(p, gout, gin, split, begin, end);
+    interleaved_tasks_pad<kBlock, T, kReflection>(p, gout, gin, split, begin, end);
   }
 }
 
@@ -1158,15 +1189,19 @@ C10_ALWAYS_INLINE void backward_tasks_isa(const Problem<T>& p, const T* gout, T*
                                           int64_t begin, int64_t end) {
   backward_tasks_impl(p, gout, gin, split, begin, end);
 }
-template <CpuCapability, typename T>
+// Transpose blocks of the interleaved kernels: 8x8 where 32-byte vectors are registers.
+template <CpuCapability kCap>
+constexpr int kTransposeBlock = kVectorBytes<kCap> >= 32 ? 8 : 4;
+
+template <CpuCapability kCap, typename T>
 C10_ALWAYS_INLINE void interleaved_forward_isa(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
                                                int64_t begin, int64_t end) {
-  interleaved_forward_impl(p, out, block, per_image, begin, end);
+  interleaved_forward_impl<kTransposeBlock<kCap>>(p, out, block, per_image, begin, end);
 }
-template <CpuCapability, typename T>
+template <CpuCapability kCap, typename T>
 C10_ALWAYS_INLINE void interleaved_tasks_isa(const Problem<T>& p, const T* gout, T* gin,
                                              const BackwardSplit& split, int64_t begin, int64_t end) {
-  interleaved_tasks_impl(p, gout, gin, split, begin, end);
+  interleaved_tasks_impl<kTransposeBlock<kCap>>(p, gout, gin, split, begin, end);
 }
 
 #define STNPADIM_AFFINE_ENTRIES(T, SUFFIX)                                                                    \
