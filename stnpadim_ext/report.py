@@ -25,7 +25,7 @@ from PIL import Image, PngImagePlugin
 from scipy import ndimage
 
 from .errors import InputError
-from .metrics import bootstrap_interval
+from .metrics import t_interval
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
 # The columns of the printed table, as in the paper's Table 1 (plus AUPRO).
@@ -270,9 +270,9 @@ def aggregate_runs(runs: list[dict]) -> dict:
     """One metrics dict from several runs (seeds) of the same arm and category.
 
     Every numeric key becomes its mean over the runs, with <key>_sd (sample standard
-    deviation, 0 for one run), <key>_ci95 ([low, high], bootstrap_interval of the mean) and
-    <key>_runs (the values). Keys that are None in some run aggregate the others; None in
-    all runs stays None.
+    deviation, 0 for one run), <key>_ci95 ([low, high], the t-interval of the mean over
+    the runs taken as independent, None for one run) and <key>_runs (the values). Keys
+    that are None in some run aggregate the others; None in all runs stays None.
     """
     keys = list(dict.fromkeys(k for run in runs for k in run))
     out = {"n_runs": len(runs)}
@@ -285,7 +285,8 @@ def aggregate_runs(runs: list[dict]) -> dict:
             continue
         out[key] = float(np.mean(numbers))
         out[f"{key}_sd"] = float(np.std(numbers, ddof=1)) if len(numbers) > 1 else 0.0
-        out[f"{key}_ci95"] = list(bootstrap_interval(numbers))
+        interval = t_interval(numbers)
+        out[f"{key}_ci95"] = None if interval is None else list(interval)
         out[f"{key}_runs"] = numbers
     return out
 
