@@ -227,12 +227,13 @@ class HtmlReport:
     def _summary_table(self) -> str:
         names = {"images": "images", "anomalous": "called anomalous", **TABLE_METRICS,
                  "threshold": "threshold", **DECISION_METRICS, "target": "target false-reject rate",
-                 "calibration_images": "calibration images", "guaranteed": "guaranteed false-reject rate"}
+                 "calibration_images": "calibration images",
+                 "guaranteed": "false-reject bound, for images like the calibration images"}
         present = [k for k in names if any(k in s.summary for s in self.sections)]
         head = "".join(f"<th>{_e(names[k])}</th>" for k in present)
         rows = []
         for s in self.sections:
-            cells = "".join(f"<td>{_e(_fmt(s.summary.get(k)))}</td>" for k in present)
+            cells = "".join(_summary_cell(s.summary, k) for k in present)
             rows.append(f"<tr><td>{_e(s.category)}</td><td>{_e(s.label)}</td>{cells}</tr>")
         return (f'<table class="summary"><tr><th>category</th><th>model</th>{head}</tr>'
                 + "".join(rows) + "</table>")
@@ -307,7 +308,7 @@ th {{ background: #f0f0f0; }}
 td.name {{ text-align: left; font-family: monospace; }}
 .gallery td {{ padding: 2px; }}
 .gallery img {{ display: block; height: 112px; }}
-tr.wrong {{ background: #ffe4e1; }}
+tr.wrong, td.wrong {{ background: #ffe4e1; }}
 td.anomalous {{ color: #b00; font-weight: bold; }}
 td.good {{ color: #060; }}
 img.plot {{ max-width: 100%; }}
@@ -317,3 +318,13 @@ summary {{ cursor: pointer; font-weight: bold; margin: 0.5em 0; }}
 {body}
 </body></html>
 """
+
+
+def _summary_cell(summary: dict, key: str) -> str:
+    """A summary table cell; a measured false-reject rate over twice its bound is flagged:
+    the test images are not like the calibration images."""
+    value, bound = summary.get(key), summary.get("guaranteed")
+    if key == "false_reject_rate" and value is not None and bound is not None and value > 2 * bound:
+        return (f'<td class="wrong" title="over twice the bound: calibrate with good images from '
+                f'the line (--calibration DIR)">{_e(_fmt(value))} (over 2x the bound)</td>')
+    return f"<td>{_e(_fmt(value))}</td>"

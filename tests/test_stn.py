@@ -566,3 +566,34 @@ def test_reconstruct_stn_undoes_test_drift_within_3_degrees(tmp_path):
     error = theta_pose(residual)["rotation_deg"].abs()
     assert error.mean() < 3.0, f"mean rotation error {error.mean():.2f} deg"
     assert (residual[:, :, 2] * 64).norm(dim=-1).mean() < 3.0  # pixels at 128 px
+
+
+# ---------------------------------------------------------------------------- posed views
+
+
+def test_posed_batches_are_seeded_and_read_files_like_tensors(tmp_path):
+    from PIL import Image
+
+    from stnpadim_ext.models.stn.poses import posed_batches
+
+    images = torch.rand(5, 3, 24, 24)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(paths[-1])
+    pixels = torch.stack([sp.data.load_image(p) for p in paths])
+    ranges = {"rotation": 30.0, "translation": 0.1, "scale": 1.1}
+    seed = int(torch.randint(0, 1000, ()).item())
+    from_files = list(posed_batches(paths, ranges, seed, batch_size=3, n_views=12))
+    from_tensor = list(posed_batches(pixels, ranges, seed, batch_size=3, n_views=12))
+    assert [x.shape[0] for x, _, _ in from_files] == [3, 3, 3, 3]
+    for (x1, v1, p1), (x2, v2, p2) in zip(from_files, from_tensor, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(v1, v2) and p1 is None and p2 is None
+    # Every image is seen before any is seen again (a pass per 5 views).
+    seen = [next(i for i in range(5) if torch.equal(x, pixels[i])) for b, _, _ in from_files for x in b]
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
+    other = list(posed_batches(paths, ranges, seed + 1, batch_size=3, n_views=12))
+    assert not torch.equal(other[0][1], from_files[0][1])
+    poses = {p: [[1.0, 0.0, 0.1 * i], [0.0, 1.0, 0.0]] for i, p in enumerate(paths)}
+    for x, views, known in posed_batches(paths, None, seed, batch_size=2, poses=poses):
+        assert views is None and known.shape == (x.shape[0], 2, 3)

@@ -143,7 +143,8 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
     The backbone is built first, so missing weights are reported before any training.
     Without calibration_paths a seeded share of train_paths is held out (split_holdout):
     neither the STN nor the Gaussians see it; it only sets the threshold. Behind an STN the
-    Gaussians are fitted on options.views views of the training images in random poses of
+    Gaussians are fitted on options.views views (at least one per image) of the training
+    images in random poses of
     the STN's declared range, as the STN aligns them, and the held-out images are scored in
     such poses too (PaDiM.fit / calibrate with pose_ranges): test parts are expected to
     arrive in any pose of that range. A given calibration folder holds real line images:
@@ -173,7 +174,8 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
                                         accept_weak=options.accept_weak_stn, progress=progress,
                                         **kwargs)
     ranges = None if stn is None else model.stn.record["ranges"]
-    model.fit(train_paths, ranges, None if stn is None else options.views, options.seed)
+    model.fit(train_paths, ranges, None if stn is None else max(options.views, len(train_paths)),
+              options.seed)
     if calibration_paths:  # none below 3 training images
         model.calibrate(calibration_paths, options.false_reject_rate, ranges if held_out else None,
                         seed=options.seed)
@@ -183,8 +185,8 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
 
 def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: dict | None = None,
               calibration_paths=None) -> tuple[PaDiM, dict]:
-    """A pose arm without an STN: plain PaDiM fitted on options.views views of the training
-    images in random poses of the STN's ranges (options.pose_ranges) and calibrated like
+    """A pose arm without an STN: plain PaDiM fitted on options.views views (at least one per
+    image) of the training images in random poses of the STN's ranges (options.pose_ranges) and calibrated like
     fit_model's STN arm (the held-out images in random poses of the same ranges, or the
     given line images as they are): PaDiM+aug, or with the images' true `poses` ({path:
     theta}) aligning every view and image, the oracle.
@@ -200,7 +202,7 @@ def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: 
     if calibration_paths is None:
         train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
         calibration_ranges = ranges
-    model.fit(train_paths, ranges, options.views, options.seed, poses)
+    model.fit(train_paths, ranges, max(options.views, len(train_paths)), options.seed, poses)
     if calibration_paths:
         model.calibrate(calibration_paths, options.false_reject_rate, calibration_ranges,
                         options.seed, poses)

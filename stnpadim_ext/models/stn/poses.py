@@ -15,6 +15,7 @@ So `sample_posed` reads the aligned image from the original once, through both t
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -68,13 +69,14 @@ def posed_batches(images, ranges: dict | None = None, seed: int = 0, batch_size:
     seeded, with their known true poses where given.
 
     Args:
-        images: anything iter_batches accepts; a list of paths when `poses` is given.
+        images: anything iter_batches accepts; a list of paths when `poses` is given. A
+            list of paths is read batch by batch; other inputs are held in memory.
         ranges: pose ranges (see random_views); None: no views (each image as it is).
         seed: seeds the views and, with n_views, the order the images are cycled in.
         batch_size: images per batch.
         size: resize every image to this size first (None: keep).
         n_views: None: every image once, in input order. An int: that many views, cycling
-            through the images (all held in memory), reshuffled each pass.
+            through the images, reshuffled each pass.
         poses: {path: theta [2, 3]} true poses of the images (the canonical frame into the
             image, as synth's meta.json records them), or None.
         device: where the batches are made and delivered.
@@ -87,17 +89,25 @@ def posed_batches(images, ranges: dict | None = None, seed: int = 0, batch_size:
         for batch in iter_batches(images, batch_size, size=size, device=device):
             yield as_float(batch, device), None, None
         return
-    data = torch.cat([as_float(b) for b in iter_batches(images, batch_size, size=size)])
-    known = None if poses is None else torch.tensor([poses[p] for p in images], dtype=torch.float32)
+    paths = list(images) if isinstance(images, (list, tuple)) and all(
+        isinstance(p, (str, os.PathLike)) for p in images) else None
+    if paths is None:
+        data = torch.cat([as_float(b) for b in iter_batches(images, batch_size, size=size)])
+        count = data.shape[0]
+    else:
+        count = len(paths)
+    known = None if poses is None else torch.tensor([poses[p] for p in paths], dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     if n_views is None:
-        order = torch.arange(data.shape[0])
+        order = torch.arange(count)
     else:
-        passes = -(-n_views // data.shape[0])
-        order = torch.cat([torch.randperm(data.shape[0], generator=gen) for _ in range(passes)])[:n_views]
-    aspect = data.shape[-1] / data.shape[-2]
+        passes = -(-n_views // count)
+        order = torch.cat([torch.randperm(count, generator=gen) for _ in range(passes)])[:n_views]
     for index in order.split(batch_size):
-        views = None if ranges is None else random_views(index.shape[0], ranges, gen, aspect, device)
-        yield (as_float(data[index], device), views,
-               None if known is None else known[index].to(device))
-
+        if paths is None:
+            x = as_float(data[index], device)
+        else:
+            x = as_float(next(iter_batches([paths[i] for i in index], index.shape[0], size=size)), device)
+        views = None if ranges is None else random_views(index.shape[0], ranges, gen,
+                                                         x.shape[-1] / x.shape[-2], device)
+        yield x, views, None if known is None else known[index].to(device)
