@@ -1,6 +1,7 @@
 """PaDiM: detection quality, embedding, anomaly maps, STN warp-back, save/load, bad input."""
 import math
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -315,10 +316,19 @@ def test_corrupt_model_files_give_clear_errors(small_model, tmp_path):
     expected = {"random.padim": "not a stnpadim model file", "truncated.padim": "not a stnpadim model file",
                 "empty.padim": "not a stnpadim model file", "foreign.padim": "not a stnpadim model file",
                 "future.padim": "version 99", "damaged.padim": "damaged", "missing.padim": "no such model file"}
+    (tmp_path / "pickle.padim").write_bytes(pickle.dumps({"weights": [1, 2]}))
+    expected["pickle.padim"] = "no format torch.save writes"
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.padim")  # a pickled module: never run
+    expected["module.padim"] = "torch file holding Python objects"
+    expected["truncated.padim"] = "damaged or truncated torch file"
+    expected["empty.padim"] = "the file is empty"
     for name, message in expected.items():
         with pytest.raises(InputError, match=message) as info:
             load(tmp_path / name)
-        assert str(tmp_path / name) in str(info.value) and "\n" not in str(info.value)
+        text = str(info.value)
+        assert str(tmp_path / name) in text and "\n" not in text
+        # Our words, complete: never torch's advice to load with weights_only=False.
+        assert "weights_only" not in text and (text.endswith(")") or text[-1].isalnum())
 
 
 def test_bad_inputs(small_model, tmp_path, monkeypatch):

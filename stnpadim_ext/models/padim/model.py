@@ -479,7 +479,7 @@ def load(path: str | os.PathLike, device=None, **options) -> PaDiM:
         if config.get("calibration") is not None:
             model.calibration = Calibration.from_config(config["calibration"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # InputError is a ValueError
-        first_line = (str(exc).splitlines() or [""])[0][:200]
+        first_line = (str(exc).splitlines() or [""])[0]
         kind = "" if isinstance(exc, InputError) else f"{type(exc).__name__}: "
         raise InputError(f"{path}: damaged stnpadim model file ({kind}{first_line})") from None
     return model
