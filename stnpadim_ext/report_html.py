@@ -47,6 +47,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 THUMB = 112          # gallery thumbnail height, px
 CURVE_POINTS = 400   # points kept per plotted curve
 PRO_FPR_LIMIT = 0.3  # the AUPRO integration limit, shaded on the PRO plot
+# ROC / PRO curve style per model, in order: colour, dash and width all differ.
+CURVE_STYLES = [{"color": "tab:blue", "linestyle": "-", "linewidth": 3.0, "alpha": 0.6},
+                {"color": "tab:orange", "linestyle": "--", "linewidth": 2.0},
+                {"color": "tab:green", "linestyle": "-.", "linewidth": 1.5},
+                {"color": "tab:red", "linestyle": ":", "linewidth": 1.5}]
 OUTLINE = (255, 255, 255)
 SHARED_PANELS = ("input", "ground truth")
 # Marks our index.html, so that a later run may replace it (cli/outputs.py).
@@ -190,11 +195,12 @@ class HtmlReport:
         axes = list(axes[0])
         if curves:
             roc, pro = axes.pop(0), axes.pop(0)
-            for s in sections:
+            # Each model its own colour, dash and width: equal curves stay visible, one on the other.
+            for s, style in zip(sections, CURVE_STYLES * len(sections), strict=False):
                 if s.roc:
-                    roc.plot(*s.roc, label=f"{s.label} ({_fmt(s.summary.get('image_auroc'))})")
+                    roc.plot(*s.roc, **style, label=f"{s.label} ({_fmt(s.summary.get('image_auroc'))})")
                 if s.pro:
-                    pro.plot(*s.pro, label=f"{s.label} ({_fmt(s.summary.get('aupro'))})")
+                    pro.plot(*s.pro, **style, label=f"{s.label} ({_fmt(s.summary.get('aupro'))})")
             roc.plot([0, 1], [0, 1], ":", color="grey")
             roc.set(title="image ROC", xlabel="false positive rate", ylabel="true positive rate")
             pro.axvspan(0, PRO_FPR_LIMIT, color="grey", alpha=0.12, label=f"AUPRO range (FPR <= {PRO_FPR_LIMIT})")

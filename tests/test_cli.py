@@ -107,6 +107,15 @@ def test_module_entry_point_help():
     assert "Traceback" not in result.stderr
 
 
+def test_help_of_every_command_prints_percent_signs_once(capsys):
+    from stnpadim_ext.cli.parser import COMMANDS
+
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out and "%%" not in out, command
+
+
 def test_synth_writes_mvtec_layout(data):
     for name in ("fabric", "part_drift"):
         category = load_category(data, name)
@@ -726,7 +735,10 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     heatmaps = list((out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == len(demo.DEMO_CATEGORIES) * demo.HEATMAPS_PER_CATEGORY
     with Image.open(heatmaps[0]) as img:
-        assert img.size == (6 * SIZE, SIZE)  # image, mask, PaDiM, PaDiM+aug, STN+PaDiM, oracle
+        # image, mask, PaDiM, PaDiM+aug, STN+PaDiM, oracle, each under its caption strip
+        assert img.size == (6 * SIZE, SIZE + demo.CAPTION_HEIGHT)
+        strip = np.asarray(img.convert("L"))[:demo.CAPTION_HEIGHT]
+    assert (strip < 128).any() and (strip > 200).mean() > 0.5  # dark text on white
     html = (out / "report" / "index.html").read_text()
     assert all(f"<h2>{name}</h2>" in html for name in demo.DEMO_CATEGORIES)
     assert_images_resolve(out / "report")

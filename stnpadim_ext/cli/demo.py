@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from .._threads import limit_threads
 from ..data.images import load_image
@@ -50,6 +51,7 @@ DEMO_OPTIONS = ModelOptions(backbone="efficientnet_lite0", image_size=128, false
 STN_BUDGET = {"reconstruct": {"stn_epochs": 12, "stn_train": {"samples_per_epoch": 256}},
               "canonical": {"stn_epochs": 20, "stn_train": {"samples_per_epoch": 512}}}
 HEATMAPS_PER_CATEGORY = 3  # two defective test images and one good one
+CAPTION_HEIGHT = 14  # px of the label strip above each panel
 
 
 def register(commands, common) -> None:
@@ -127,7 +129,7 @@ def run(args) -> int:
 
 def _write_panels(folder: Path, name: str, predictions: dict[str, Predictions]) -> int:
     """One PNG per chosen test image: image | ground truth | one overlay per model (PaDiM,
-    PaDiM+aug, STN+PaDiM, oracle).
+    PaDiM+aug, STN+PaDiM, oracle), each under a caption naming it.
 
     Each model's overlays share one colour range over its whole test set, so a hot spot
     means a high score relative to the other test images, not just within the image.
@@ -137,11 +139,21 @@ def _write_panels(folder: Path, name: str, predictions: dict[str, Predictions]) 
     defective = [i for i, label in enumerate(labels) if label]
     good = [i for i, label in enumerate(labels) if not label]
     chosen = defective[:HEATMAPS_PER_CATEGORY - 1] + good[:1]
+    names = ["image", "ground truth ({})", *predictions]
     for i in chosen:
         image = load_image(base.paths[i], tuple(base.maps.shape[-2:]))
         tiles = [to_rgb8(image), mask_overlay(image, base.masks[i])]
         for pred in predictions.values():
             tiles.append(overlay(image, pred.maps[i], float(pred.maps.min()), float(pred.maps.max())))
+        captions = [n.format(base.defects[i]) for n in names]
         path = folder / f"{name}_{base.defects[i]}_{Path(base.paths[i]).stem}.png"
-        write_image(path, np.concatenate(tiles, axis=1))
+        write_image(path, np.concatenate([_captioned(t, c) for t, c in zip(tiles, captions, strict=True)],
+                                         axis=1))
     return len(chosen)
+
+
+def _captioned(tile: np.ndarray, caption: str) -> np.ndarray:
+    """tile [H, W, 3] uint8 under a CAPTION_HEIGHT px white strip holding `caption`."""
+    strip = Image.new("RGB", (tile.shape[1], CAPTION_HEIGHT), "white")
+    ImageDraw.Draw(strip).text((3, 2), caption, fill="black", font=ImageFont.load_default())
+    return np.concatenate([np.asarray(strip), tile], axis=0)

@@ -17,7 +17,7 @@ def register(commands, common) -> None:
                     "ROOT/CATEGORY/train/good and writes the model file. The anomaly threshold "
                     "is calibrated on --calibration DIR, else on ROOT/CATEGORY/calibration/good "
                     "when it exists (good images from the line), else on a seeded share of the "
-                    "training images held out from fitting (10%%, at least 20 when a quarter of "
+                    "training images held out from fitting (10%, at least 20 when a quarter of "
                     "them is that many), which behind an STN are scored in random poses of its "
                     "training range.")
     parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
