@@ -8,6 +8,7 @@
 """
 from ._backend import backend_info
 from .api import Decisions, load, score
+from .errors import InputError, WeakSTNError
 from .models.padim import PaDiM
 from .models.stn import STN, train_stn
 from .ops.affine_sample import affine_sample
@@ -15,5 +16,5 @@ from .ops.mahalanobis import mahalanobis
 from .stats import GaussianStats, PatchGaussian
 
 __all__ = ["backend_info", "affine_sample", "mahalanobis", "GaussianStats", "PatchGaussian",
-           "PaDiM", "STN", "train_stn", "load", "score", "Decisions"]
+           "PaDiM", "STN", "train_stn", "load", "score", "Decisions", "InputError", "WeakSTNError"]
 __version__ = "0.1.0"

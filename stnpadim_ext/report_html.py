@@ -47,6 +47,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 THUMB = 112          # gallery thumbnail height, px
 CURVE_POINTS = 400   # points kept per plotted curve
 PRO_FPR_LIMIT = 0.3  # the AUPRO integration limit, shaded on the PRO plot
+# ROC / PRO curve style per model, in order: colour, dash and width all differ.
+CURVE_STYLES = [{"color": "tab:blue", "linestyle": "-", "linewidth": 3.0, "alpha": 0.6},
+                {"color": "tab:orange", "linestyle": "--", "linewidth": 2.0},
+                {"color": "tab:green", "linestyle": "-.", "linewidth": 1.5},
+                {"color": "tab:red", "linestyle": ":", "linewidth": 1.5}]
 OUTLINE = (255, 255, 255)
 SHARED_PANELS = ("input", "ground truth")
 # Marks our index.html, so that a later run may replace it (cli/outputs.py).
@@ -190,11 +195,12 @@ class HtmlReport:
         axes = list(axes[0])
         if curves:
             roc, pro = axes.pop(0), axes.pop(0)
-            for s in sections:
+            # Each model its own colour, dash and width: equal curves stay visible, one on the other.
+            for s, style in zip(sections, CURVE_STYLES * len(sections), strict=False):
                 if s.roc:
-                    roc.plot(*s.roc, label=f"{s.label} ({_fmt(s.summary.get('image_auroc'))})")
+                    roc.plot(*s.roc, **style, label=f"{s.label} ({_fmt(s.summary.get('image_auroc'))})")
                 if s.pro:
-                    pro.plot(*s.pro, label=f"{s.label} ({_fmt(s.summary.get('aupro'))})")
+                    pro.plot(*s.pro, **style, label=f"{s.label} ({_fmt(s.summary.get('aupro'))})")
             roc.plot([0, 1], [0, 1], ":", color="grey")
             roc.set(title="image ROC", xlabel="false positive rate", ylabel="true positive rate")
             pro.axvspan(0, PRO_FPR_LIMIT, color="grey", alpha=0.12, label=f"AUPRO range (FPR <= {PRO_FPR_LIMIT})")
@@ -227,12 +233,13 @@ class HtmlReport:
     def _summary_table(self) -> str:
         names = {"images": "images", "anomalous": "called anomalous", **TABLE_METRICS,
                  "threshold": "threshold", **DECISION_METRICS, "target": "target false-reject rate",
-                 "calibration_images": "calibration images", "guaranteed": "guaranteed false-reject rate"}
+                 "calibration_images": "calibration images",
+                 "guaranteed": "false-reject bound, for images like the calibration images"}
         present = [k for k in names if any(k in s.summary for s in self.sections)]
         head = "".join(f"<th>{_e(names[k])}</th>" for k in present)
         rows = []
         for s in self.sections:
-            cells = "".join(f"<td>{_e(_fmt(s.summary.get(k)))}</td>" for k in present)
+            cells = "".join(_summary_cell(s.summary, k) for k in present)
             rows.append(f"<tr><td>{_e(s.category)}</td><td>{_e(s.label)}</td>{cells}</tr>")
         return (f'<table class="summary"><tr><th>category</th><th>model</th>{head}</tr>'
                 + "".join(rows) + "</table>")
@@ -307,7 +314,7 @@ th {{ background: #f0f0f0; }}
 td.name {{ text-align: left; font-family: monospace; }}
 .gallery td {{ padding: 2px; }}
 .gallery img {{ display: block; height: 112px; }}
-tr.wrong {{ background: #ffe4e1; }}
+tr.wrong, td.wrong {{ background: #ffe4e1; }}
 td.anomalous {{ color: #b00; font-weight: bold; }}
 td.good {{ color: #060; }}
 img.plot {{ max-width: 100%; }}
@@ -317,3 +324,13 @@ summary {{ cursor: pointer; font-weight: bold; margin: 0.5em 0; }}
 {body}
 </body></html>
 """
+
+
+def _summary_cell(summary: dict, key: str) -> str:
+    """A summary table cell; a measured false-reject rate over twice its bound is flagged:
+    the test images are not like the calibration images."""
+    value, bound = summary.get(key), summary.get("guaranteed")
+    if key == "false_reject_rate" and value is not None and bound is not None and value > 2 * bound:
+        return (f'<td class="wrong" title="over twice the bound: calibrate with good images from '
+                f'the line (--calibration DIR)">{_e(_fmt(value))} (over 2x the bound)</td>')
+    return f"<td>{_e(_fmt(value))}</td>"

@@ -114,6 +114,16 @@ def test_calibration_config_round_trip_and_damage():
         Calibration.from_config({**cal.to_config(), "guaranteed_rate": 1.5})
 
 
+def test_calibration_records_the_poses_it_was_scored_in():
+    ranges = {"rotation": 40.0, "translation": 0.15, "scale": 1.1}
+    cal = conformal_calibration(torch.rand(30) + 1, 0.05, ranges)
+    assert cal.pose_ranges == ranges and Calibration.from_config(cal.to_config()) == cal
+    older = {k: v for k, v in cal.to_config().items() if k != "pose_ranges"}  # written before
+    assert Calibration.from_config(older).pose_ranges is None
+    with pytest.raises(InputError, match="pose_ranges.rotation"):
+        Calibration.from_config({**cal.to_config(), "pose_ranges": {**ranges, "rotation": -5.0}})
+
+
 def test_decide_normalizes_and_masks_at_the_threshold():
     maps = torch.rand(4, 8, 8) * 10
     scores = maps.flatten(1).amax(1)

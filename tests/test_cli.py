@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 
 import stnpadim_ext.cli.experiment as experiment
 from stnpadim_ext.cli import main
@@ -27,6 +28,7 @@ from stnpadim_ext.models.padim import load
 from stnpadim_ext.models.padim.calibration import split_holdout
 from stnpadim_ext.models.padim.serialization import read_model_file, write_model_file
 from stnpadim_ext.models.stn import train_stn
+from stnpadim_ext.models.stn.poses import posed_batches
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -34,8 +36,10 @@ FIT = ["--stn", "none", "--image-size", str(SIZE)]
 THRESHOLD_KEYS = {"threshold", "false_reject_rate", "miss_rate", "precision", "recall",
                   "f1_at_threshold"}
 METRIC_KEYS = {"image_auroc", "pixel_auroc", "aupro", "image_f1", "fit_seconds",
-               "images_per_second", "out_of_view_fraction"} | THRESHOLD_KEYS
+               "images_per_second", "out_of_view_fraction", "defect_out_of_view_fraction",
+               "false_reject_bound"} | THRESHOLD_KEYS
 GAIN_KEYS = {"image_auroc_gain", "pixel_auroc_gain"}
+STN_KEYS = {"stn_alignment_deg", "stn_alignment_px", "stn_error_ratio", "stn_retries"}
 TIMING_KEYS = ("fit_seconds", "images_per_second")
 
 
@@ -57,9 +61,11 @@ def model_file(data, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def quick_stn(monkeypatch):
-    """A short STN training (the CLI wiring is under test here, not the STN's accuracy)."""
+    """A short STN training, kept whatever its check says, and few posed views (the CLI
+    wiring is under test here, not the STN's accuracy)."""
     monkeypatch.setattr(experiment, "train_stn", functools.partial(
-        train_stn, samples_per_epoch=16, batch_size=8, image_size=SIZE))
+        train_stn, samples_per_epoch=16, batch_size=8, image_size=SIZE, retries=0))
+    monkeypatch.setattr(experiment, "MAX_VIEWS", 16)
 
 
 def copy_data(data: Path, tmp_path: Path) -> Path:
@@ -99,6 +105,15 @@ def test_module_entry_point_help():
     for command in ("demo", "fit", "score", "eval", "synth"):
         assert command in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_help_of_every_command_prints_percent_signs_once(capsys):
+    from stnpadim_ext.cli.parser import COMMANDS
+
+    for command in COMMANDS:
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out and "%%" not in out, command
 
 
 def test_synth_writes_mvtec_layout(data):
@@ -293,26 +308,84 @@ def test_eval_json_format_and_table(data, tmp_path, capsys):
     assert "false-reject rate PaDiM" in table and "miss rate PaDiM" in table
 
 
-def test_eval_with_stn_compares_padim_fixed_warp_and_stn_padim(data, tmp_path, capsys, quick_stn):
+def test_eval_with_stn_compares_it_with_padim_augmentation_and_the_oracle(data, tmp_path, capsys,
+                                                                          quick_stn):
     json_path = tmp_path / "results.json"
     assert main(["eval", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
-                 "--stn-epochs", "1", "--image-size", str(SIZE), "--json", str(json_path)]) == 0
-    table = capsys.readouterr().out
-    header = table.splitlines()[0]
-    for column in ("image AUROC PaDiM", "image AUROC fixed warp", "image AUROC STN+PaDiM",
-                   "pixel AUROC PaDiM", "pixel AUROC fixed warp", "pixel AUROC STN+PaDiM"):
-        assert column in header
+                 "--stn-epochs", "1", "--accept-weak-stn", "--image-size", str(SIZE),
+                 "--json", str(json_path)]) == 0
+    out, err = capsys.readouterr()
+    header = out.splitlines()[0]
+    for metric in ("image AUROC", "pixel AUROC"):
+        for arm in ("PaDiM", "PaDiM+aug", "STN+PaDiM", "oracle"):
+            assert f"{metric} {arm} |" in header, (metric, arm)
     results = json.loads(json_path.read_text())
-    assert set(results) == {"categories", "mean", "baseline", "fixed_warp"}
+    assert set(results) == {"categories", "mean", "baseline", "augmented", "oracle"}
     stn = results["categories"]["part_drift"]
-    assert set(stn) == METRIC_KEYS | GAIN_KEYS
-    assert set(results["baseline"]["categories"]["part_drift"]) == METRIC_KEYS
-    assert set(results["fixed_warp"]["categories"]["part_drift"]) == METRIC_KEYS
-    controls = [results[arm]["categories"]["part_drift"]["image_auroc"] for arm in ("baseline", "fixed_warp")]
-    assert stn["image_auroc_gain"] == pytest.approx(stn["image_auroc"] - max(controls))
+    assert set(stn) == METRIC_KEYS | GAIN_KEYS | STN_KEYS
+    for arm in ("baseline", "augmented", "oracle"):
+        assert set(results[arm]["categories"]["part_drift"]) == METRIC_KEYS, arm
+    baselines = [results[arm]["categories"]["part_drift"]["image_auroc"] for arm in ("baseline", "augmented")]
+    assert stn["image_auroc_gain"] == pytest.approx(stn["image_auroc"] - max(baselines))
+    assert stn["stn_retries"] == 0 and stn["stn_alignment_deg"] >= 0 and stn["stn_error_ratio"] > 0
     assert 0 <= stn["out_of_view_fraction"] < 0.5
     assert results["baseline"]["categories"]["part_drift"]["out_of_view_fraction"] == 0
-    assert "false-reject rate STN+PaDiM" in table
+    assert results["augmented"]["categories"]["part_drift"]["out_of_view_fraction"] == 0
+    assert results["oracle"]["categories"]["part_drift"]["out_of_view_fraction"] > 0  # aligned too
+    assert "false-reject rate STN+PaDiM" in out
+    # The weak one-epoch STN was kept, as asked, with one warning line.
+    assert "stnpadim: warning: the reconstruct STN did not learn to align" in err or stn["stn_error_ratio"] <= 0.5
+
+
+def test_a_weak_stn_stops_fit_with_one_line_unless_accepted(data, tmp_path, capsys, monkeypatch):
+    """Issue 19: an STN that learns nothing (lr ~ 0) fails its check, is retried, and then
+    ends the command with exit 2 and the numbers; --accept-weak-stn keeps it."""
+    monkeypatch.setattr(experiment, "train_stn", functools.partial(
+        train_stn, samples_per_epoch=16, batch_size=8, image_size=SIZE, lr=1e-12, retries=1))
+    path = tmp_path / "weak.padim"
+    line = assert_user_error(capsys, ["fit", "--data", data, "--category", "part_drift",
+                                      "--stn", "reconstruct", "--stn-epochs", "1", "--image-size",
+                                      SIZE, "--out", path], "did not learn to align")
+    assert "after 2 tries" in line and "--accept-weak-stn" in line and "deg" in line
+    assert not path.exists()
+    monkeypatch.setattr(experiment, "MAX_VIEWS", 16)
+    assert main(["fit", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
+                 "--stn-epochs", "1", "--image-size", str(SIZE), "--accept-weak-stn",
+                 "--out", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "(accepted although weak) after 1 retry" in out
+    assert len([e for e in err.splitlines() if "did not learn to align" in e]) == 1
+    record = load(path, progress=False).stn.record
+    assert record["accepted_weak"] and record["retries"] == 1
+
+
+def test_eval_calibrates_on_a_category_calibration_folder(tmp_path, capsys):
+    root = tmp_path / "synth"
+    assert main(["synth", "--out", str(root), "--categories", "part_drift", "--image-size",
+                 str(SIZE), "--n-train", "8", "--n-test-good", "3", "--n-test-defect", "1",
+                 "--n-calibration", "5"]) == 0
+    assert len(load_category(root, "part_drift").calibration_paths) == 5
+    model = tmp_path / "m.padim"
+    assert main(["fit", "--data", str(root), "--category", "part_drift", *FIT, "--out", str(model)]) == 0
+    assert "from 5 good images" in capsys.readouterr().out
+    assert load(model, progress=False).calibration.n == 5
+    json_path = tmp_path / "r.json"
+    assert main(["eval", "--data", str(root), *FIT, "--json", str(json_path)]) == 0
+    metrics = json.loads(json_path.read_text())["categories"]["part_drift"]
+    assert metrics["false_reject_bound"] == pytest.approx(1 / 6)  # n = 5: the max, 1/(n+1)
+
+
+def test_false_reject_warning_names_what_is_over_twice_its_bound():
+    from stnpadim_ext.cli.reporting import false_reject_warning
+
+    def arms(rate):
+        return {"STN+PaDiM": {"categories": {"part_drift": {"false_reject_rate": rate,
+                                                            "false_reject_bound": 0.077}}}}
+
+    assert false_reject_warning(arms(0.15)) is None
+    line = false_reject_warning(arms(0.5))
+    assert "part_drift STN+PaDiM 0.50 (bound 0.077)" in line and "--calibration" in line
+    assert "\n" not in line
 
 
 def _without_timings(results):
@@ -329,7 +402,7 @@ def test_eval_with_stn_is_reproducible(data, tmp_path, quick_stn):
         json_path = tmp_path / f"run{i}.json"
         torch.manual_seed(i)  # torch's global generator must not matter
         assert main(["eval", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
-                     "--stn-epochs", "1", "--image-size", str(SIZE), "--seed", "5",
+                     "--stn-epochs", "1", "--accept-weak-stn", "--image-size", str(SIZE), "--seed", "5",
                      "--json", str(json_path)]) == 0
         runs.append(_without_timings(json.loads(json_path.read_text())))
     assert runs[0] == runs[1]
@@ -345,8 +418,9 @@ def test_eval_seeds_report_mean_sd_and_interval(data, tmp_path, capsys):
     assert len(runs) == 3 and metrics["n_runs"] == 3
     assert metrics["image_auroc"] == pytest.approx(np.mean(runs))
     assert metrics["image_auroc_sd"] == pytest.approx(np.std(runs, ddof=1))
-    low, high = metrics["image_auroc_ci95"]
-    assert min(runs) <= low <= metrics["image_auroc"] <= high <= max(runs)
+    low, high = metrics["image_auroc_ci95"]  # t-interval over the 3 seeds
+    half = stats.t.ppf(0.975, 2) * np.std(runs, ddof=1) / np.sqrt(3)
+    assert (low, high) == pytest.approx((np.mean(runs) - half, np.mean(runs) + half), abs=1e-9)
     for key in ("pixel_auroc", "aupro", "image_f1"):
         assert f"{key}_sd" in metrics
 
@@ -359,7 +433,8 @@ def test_eval_seeds_with_a_model_file_is_refused(data, model_file, capsys):
 def test_eval_report_with_stn(data, tmp_path, capsys, quick_stn):
     report = tmp_path / "report"
     assert main(["eval", "--data", str(data), "--category", "part_drift", "--stn", "reconstruct",
-                 "--stn-epochs", "1", "--image-size", str(SIZE), "--report", str(report)]) == 0
+                 "--stn-epochs", "1", "--accept-weak-stn", "--image-size", str(SIZE),
+                 "--report", str(report)]) == 0
     html = (report / "index.html").read_text()
     for text in ("STN+PaDiM", "PaDiM gallery", "aligned (STN)", "ground truth", "heatmap",
                  "false-reject rate", "misclassified first"):
@@ -371,13 +446,19 @@ def test_eval_report_with_stn(data, tmp_path, capsys, quick_stn):
 def test_fit_with_stn_then_eval_model_file(data, tmp_path, capsys, quick_stn):
     path = tmp_path / "drift.padim"
     assert main(["fit", "--data", str(data), "--category", "part_drift", "--stn", "canonical",
-                 "--stn-epochs", "1", "--image-size", str(SIZE), "--out", str(path)]) == 0
-    assert "STN held-out error" in capsys.readouterr().out
+                 "--stn-epochs", "1", "--accept-weak-stn", "--image-size", str(SIZE),
+                 "--out", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "STN held-out alignment error" in out and "of not warping" in out
     model = load(path, progress=False)
-    assert model.stn is not None
-    # Calibrated by the whole model, STN included, on the seeded hold-out (2 of 8: the max).
+    assert model.stn is not None and model.stn.record["objective"] == "canonical"
+    # Calibrated by the whole model, STN included, on the seeded hold-out (2 of 8: the max),
+    # each held-out image in a random pose of the STN's training range.
+    ranges = model.stn.record["ranges"]
+    assert model.calibration.pose_ranges == ranges and "in random poses" in out
     _, held = split_holdout(load_category(data, "part_drift").train_paths, seed=0)
-    scores, _ = model.predict(held)
+    scores = torch.cat([model.predict_batch(x, view=view)[0] for x, view, _ in
+                        posed_batches(held, ranges, 0, 32, SIZE)])
     assert model.calibration.n == 2 and model.threshold == pytest.approx(float(scores.max()), rel=1e-4)
     json_path = tmp_path / "eval.json"
     assert main(["eval", "--data", str(data), "--category", "part_drift", "--model", str(path),
@@ -385,8 +466,9 @@ def test_fit_with_stn_then_eval_model_file(data, tmp_path, capsys, quick_stn):
     assert "image AUROC STN+PaDiM" in capsys.readouterr().out
     results = json.loads(json_path.read_text())
     metrics = results["categories"]["part_drift"]
-    assert set(metrics) == METRIC_KEYS and metrics["fit_seconds"] is None
+    assert set(metrics) == METRIC_KEYS | STN_KEYS and metrics["fit_seconds"] is None
     assert metrics["threshold"] == pytest.approx(load(path).threshold)
+    assert metrics["stn_alignment_deg"] == pytest.approx(model.stn.record["alignment"]["rotation_deg"])
 
 
 def test_progress_bars_on_request(data, tmp_path, capsys):
@@ -627,12 +709,13 @@ def test_eval_model_needs_one_category(data, model_file, capsys):
 def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     import stnpadim_ext.cli.demo as demo
 
-    monkeypatch.setattr(demo, "DEMO_DATA", {"image_size": SIZE, "n_train": 8,
-                                            "n_test_good": 3, "n_test_defect": 1})
+    monkeypatch.setattr(demo, "DEMO_DATA", {"image_size": SIZE, "n_train": 8, "n_test_good": 3,
+                                            "n_test_defect": 1, "n_calibration": 3})
     monkeypatch.setattr(demo, "DEMO_OPTIONS", experiment.ModelOptions(
-        image_size=SIZE, stn_epochs=1,
-        stn_train={"samples_per_epoch": 16, "batch_size": 8, "image_size": SIZE}))
-    monkeypatch.setattr(demo, "STN_BUDGET", {})
+        image_size=SIZE, accept_weak_stn=True, pose_views=16, false_reject_rate=0.25))
+    quick = {"stn_epochs": 1, "stn_train": {"samples_per_epoch": 16, "batch_size": 8,
+                                            "image_size": SIZE, "retries": 0}}
+    monkeypatch.setattr(demo, "STN_BUDGET", {"reconstruct": quick, "canonical": quick})
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -640,15 +723,22 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert table in printed
     for name in demo.DEMO_CATEGORIES:
         assert f"| {name} |" in table
-    assert "image AUROC STN+PaDiM" in table and "image AUROC fixed warp" in table
+    for arm in ("PaDiM", "PaDiM+aug", "STN+PaDiM", "oracle"):
+        assert f"image AUROC {arm} |" in table and f"false-reject rate {arm} |" in table
+    assert "demo: writing the synthetic data set" in printed.splitlines()[0]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["fixed_warp"]["categories"]) == set(demo.DEMO_CATEGORIES)
+    for arm in ("baseline", "augmented", "oracle"):
+        assert set(results[arm]["categories"]) == set(demo.DEMO_CATEGORIES)
     assert set(results["categories"]) == set(demo.DEMO_CATEGORIES)
-    assert set(results["baseline"]["categories"]) == set(demo.DEMO_CATEGORIES)
+    # Thresholds from the 3 line images of each category (calibration/good), not a hold-out.
+    assert all(m["false_reject_bound"] == pytest.approx(0.25) for m in results["categories"].values())
     heatmaps = list((out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == len(demo.DEMO_CATEGORIES) * demo.HEATMAPS_PER_CATEGORY
     with Image.open(heatmaps[0]) as img:
-        assert img.size == (5 * SIZE, SIZE)  # image, mask, PaDiM, fixed warp, STN+PaDiM
+        # image, mask, PaDiM, PaDiM+aug, STN+PaDiM, oracle, each under its caption strip
+        assert img.size == (6 * SIZE, SIZE + demo.CAPTION_HEIGHT)
+        strip = np.asarray(img.convert("L"))[:demo.CAPTION_HEIGHT]
+    assert (strip < 128).any() and (strip > 200).mean() > 0.5  # dark text on white
     html = (out / "report" / "index.html").read_text()
     assert all(f"<h2>{name}</h2>" in html for name in demo.DEMO_CATEGORIES)
     assert_images_resolve(out / "report")
@@ -675,7 +765,7 @@ def test_reproduce_table1_on_synthetic_set(data, tmp_path, capsys, quick_stn):
     json_path, table_path = tmp_path / "t1.json", tmp_path / "t1.md"
     code = _reproduce_module().main([
         "--mvtec", str(data), "--backbone", "resnet18", "--weights", str(weights),
-        "--categories", "fabric", "part_drift", "--stn", "auto", "--stn-epochs", "1",
+        "--categories", "fabric", "part_drift", "--stn", "auto", "--stn-epochs", "1", "--accept-weak-stn",
         "--image-size", str(SIZE), "--center-crop", str(SIZE - 8),
         "--json", str(json_path), "--table", str(table_path)])
     assert code == 0
@@ -686,7 +776,7 @@ def test_reproduce_table1_on_synthetic_set(data, tmp_path, capsys, quick_stn):
     assert "Published" not in printed  # no MVTec category asked for
     assert "Measured here with resnet18" in printed
     results = json.loads(json_path.read_text())
-    assert set(results) == {"PaDiM", "fixed warp", "STN+PaDiM"}
+    assert set(results) == {"PaDiM", "PaDiM+aug", "STN+PaDiM", "oracle"}
     for arm in results.values():
         assert set(arm["categories"]) == {"fabric", "part_drift"}
         for metrics in arm["categories"].values():

@@ -68,6 +68,24 @@ def test_reads_generated_category(source):
     assert _snapshot(source) == before  # read-only
 
 
+def test_true_poses_and_line_calibration_images(root):
+    cat = load_category(root, "part_drift")
+    assert cat.calibration_paths == [] and set(cat.poses) >= set(cat.train_paths)
+    assert all(item.path in cat.poses for item in cat.test_items)
+    assert torch.tensor(cat.poses[cat.train_paths[0]]).shape == (2, 3)
+    line = root / "part_drift" / "calibration" / "good"
+    line.mkdir(parents=True)
+    shutil.copy(cat.train_paths[0], line / "b.png")
+    shutil.copy(cat.train_paths[1], line / "a.png")
+    assert [p.name for p in load_category(root, "part_drift").calibration_paths] == ["a.png", "b.png"]
+    (line / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="notes.txt"):
+        load_category(root, "part_drift")
+    (line / "notes.txt").unlink()
+    (root / "part_drift" / "meta.json").write_text("{")  # a damaged record: no poses, no error
+    assert load_category(root, "part_drift").poses is None
+
+
 def test_mask_resize(tmp_path):
     mask = np.zeros((40, 40), np.uint8)
     mask[8:24, 10:30] = 255

@@ -136,9 +136,11 @@ def test_aggregate_runs_mean_sd_interval():
     assert out["n_runs"] == 3 and out["aupro"] is None and "aupro_sd" not in out
     assert out["image_auroc"] == pytest.approx(0.9) and out["image_auroc_sd"] == pytest.approx(0.1)
     assert out["image_auroc_runs"] == [0.9, 0.8, 1.0]
+    # t-interval over 3 runs: 0.9 +- t(0.975, 2) * 0.1 / sqrt(3)
     low, high = out["image_auroc_ci95"]
-    assert 0.8 <= low < 0.9 < high <= 1.0
-    assert aggregate_runs(runs[:1])["image_auroc_sd"] == 0.0
+    assert (low, high) == pytest.approx((0.9 - 4.302653 * 0.1 / 3 ** 0.5, 0.9 + 4.302653 * 0.1 / 3 ** 0.5))
+    one = aggregate_runs(runs[:1])
+    assert one["image_auroc_sd"] == 0.0 and one["image_auroc_ci95"] is None
 
 
 def test_summarize_runs_mean_row_is_the_spread_of_per_seed_means():

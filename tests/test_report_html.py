@@ -71,8 +71,10 @@ def test_report_content_order_and_files(report_dir):
     html = (report_dir / "index.html").read_text()
     for text in ("<h2>widget</h2>", "<h2>unlabelled</h2>", "PaDiM gallery", "STN+PaDiM gallery",
                  "aligned (STN)", "ground truth", "heatmap", "1 misclassified first",
-                 "guaranteed false-reject rate", "n/a"):
+                 "false-reject bound, for images like the calibration images", "n/a"):
         assert text in html, text
+    # 1/6 of the good images rejected against a bound of 1/31: flagged, naming the remedy.
+    assert html.count("(over 2x the bound)") == 2 and "--calibration DIR" in html
     sources = image_sources(report_dir)
     for src in sources:
         assert not src.startswith(("/", "http", "file:")) and (report_dir / src).is_file(), src

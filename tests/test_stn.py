@@ -7,15 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import stnpadim_ext as sp
-from stnpadim_ext.errors import InputError
+from stnpadim_ext.errors import InputError, WeakSTNError
 from stnpadim_ext.models.stn import (
     STN,
-    FixedWarp,
     centring_theta,
     compose,
     identity_theta,
     invert_theta,
-    mean_pose,
     measure_alignment,
     random_similarity,
     similarity_theta,
@@ -283,6 +281,11 @@ def test_congeal_recovers_relative_poses():
 # ---------------------------------------------------------------------------- training
 
 
+# Short trainings that test other properties than the collapse check: no retries, and a
+# weak STN kept (with a warning) instead of an error.
+UNCHECKED = {"retries": 0, "accept_weak": True}
+
+
 def aligned_set(n, size=48):
     return shapes((torch.rand(n) * 2 - 1) * 0.02, (torch.rand(n, 2) * 2 - 1) * 0.01, size)
 
@@ -306,7 +309,7 @@ def test_train_stn_reduces_alignment_error():
 def test_validation_split_is_disjoint_and_never_trained_on():
     images = aligned_set(10, size=32)
     kwargs = dict(epochs=2, samples_per_epoch=16, batch_size=8, image_size=32, patience=5,
-                  progress=False, seed=3)
+                  progress=False, seed=3, **UNCHECKED)
     first = train_stn(STN(width=4), images, **kwargs)
     train_idx, val_idx = set(first["train_indices"]), set(first["val_indices"])
     assert not train_idx & val_idx and train_idx | val_idx == set(range(10)) and len(val_idx) == 2
@@ -324,9 +327,11 @@ def test_validation_split_is_disjoint_and_never_trained_on():
 def test_train_stn_canonical_runs_and_measures_consistency():
     images = shapes((torch.rand(10) * 2 - 1) * math.pi, torch.zeros(10, 2), size=32)
     history = train_stn(STN(width=4), images, objective="canonical", epochs=1,
-                        samples_per_epoch=16, batch_size=8, image_size=32, progress=False)
+                        samples_per_epoch=16, batch_size=8, image_size=32, progress=False,
+                        **UNCHECKED)
     alignment = history["val_alignment"]
     assert alignment["n_images"] == 2 and alignment["rotation_deg"] >= 0
+    assert alignment["n_views"] == 2 * 8  # CHECK_VIEWS view pairs per held-out image
     assert len(history["val_msssim"]) == 1
 
 
@@ -365,6 +370,92 @@ def test_train_stn_rejects_bad_images():
         train_stn(torch.nn.Identity(), aligned_set(4, size=32), progress=False)
 
 
+# ---------------------------------------------------------------------------- collapse check
+
+
+def test_a_stuck_stn_is_retried_from_new_seeds_with_more_epochs_then_fails_loudly():
+    """Issue 19: lr ~ 0 keeps the STN at the identity (a collapse). Every try is checked on
+    held-out views; after its retries train_stn raises, naming the numbers."""
+    images = aligned_set(12, size=32)
+    seed = int(torch.randint(0, 1000, ()).item())
+    kwargs = dict(epochs=1, samples_per_epoch=16, batch_size=8, image_size=32, lr=1e-12,
+                  progress=False, seed=seed)
+    with pytest.raises(WeakSTNError, match=r"error ratio 1\.0\d > 0\.5 after 3 tries") as error:
+        train_stn(STN(width=4, seed=seed), images, retries=2, **kwargs)
+    assert "deg" in str(error.value) and "--accept-weak-stn" in str(error.value)
+    assert isinstance(error.value, InputError)  # the CLI's one-line exit 2
+    stn = STN(width=4, seed=seed)
+    with pytest.warns(UserWarning, match="kept as asked"):
+        history = train_stn(stn, images, retries=2, accept_weak=True, **kwargs)
+    attempts = history["attempts"]
+    assert [a["epochs"] for a in attempts] == [1, 2, 4]
+    assert attempts[0]["seed"] == seed and len({a["seed"] for a in attempts}) == 3
+    assert not any(a["passed"] for a in attempts) and history["retries"] == 2
+    assert history["accepted_weak"] and stn.record["accepted_weak"]
+    assert stn.record["alignment"]["error_ratio"] == pytest.approx(1.0, abs=0.05)
+    # The same seed gives the same retry seeds.
+    again = train_stn(STN(width=4, seed=seed), images, retries=2, accept_weak=True, **kwargs)
+    assert [a["seed"] for a in again["attempts"]] == [a["seed"] for a in attempts]
+
+
+def test_a_failed_try_is_retrained_and_the_retry_kept(monkeypatch):
+    """The first try is sabotaged (its learning rate ~ 0): the check fails it, the retry
+    (new weights, twice the epochs) learns, and its weights are the ones kept."""
+    from stnpadim_ext.models.stn import train as train_module
+
+    real = train_module._train_once
+    calls = []
+
+    def first_try_stuck(stn, step, split, epochs, samples, batch, lr, *rest):
+        calls.append(epochs)
+        return real(stn, step, split, epochs, samples, batch, 1e-12 if len(calls) == 1 else lr, *rest)
+
+    monkeypatch.setattr(train_module, "_train_once", first_try_stuck)
+    stn = STN(width=8, seed=0)
+    history = train_stn(stn, aligned_set(24), epochs=8, samples_per_epoch=128, batch_size=16,
+                        image_size=48, rotation=30.0, translation=0.1, progress=False, seed=0)
+    assert calls == [8, 16]
+    assert [a["passed"] for a in history["attempts"]] == [False, True]
+    assert history["retries"] == 1 and not history["accepted_weak"]
+    assert stn.record["retries"] == 1 and stn.record["alignment"]["error_ratio"] <= 0.5
+    after = measure_alignment(stn, aligned_set(8), rotation=30.0, translation=0.1, seed=5)
+    assert after["error_ratio"] < 0.5
+
+
+def test_reset_parameters_draws_the_weights_stn_seed_would():
+    a, b = STN(width=4, seed=5), STN(width=4, seed=9)
+    b.centring.fill_(2.0)
+    b.record = {"anything": 1}
+    b.reset_parameters(5)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert b.record is None
+
+
+def test_measure_alignment_beside_not_warping():
+    images = aligned_set(6, size=32)
+    result = measure_alignment(STN(width=4), images, rotation=20.0, translation=0.1, views_per_image=3)
+    assert result["n_views"] == 18 and result["n_images"] == 6
+    # An untrained STN is the identity: its errors are not warping's.
+    for key in ("rotation_deg", "translation_px", "displacement_px"):
+        assert result[key] == pytest.approx(result[f"identity_{key}"], rel=1e-4)
+    assert result["error_ratio"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_residual_errors_modulo_symmetry_and_in_pixels():
+    from stnpadim_ext.models.stn.train import _residual_errors
+
+    turn = similarity_theta(torch.tensor([math.radians(183.0)]), torch.zeros(1, 2), torch.zeros(1), aspect=1.5)
+    plain, sym = _residual_errors(turn, 1, (32, 48)), _residual_errors(turn, 2, (32, 48))
+    assert plain["rotation"].item() == pytest.approx(177.0, abs=1e-3)
+    assert sym["rotation"].item() == pytest.approx(3.0, abs=1e-3)
+    shift = similarity_theta(torch.zeros(1), torch.tensor([[0.25, -0.5]]), torch.zeros(1), aspect=1.5)
+    errors = _residual_errors(shift, 1, (32, 48))
+    # (0.25 * 48 / 2, 0.5 * 32 / 2) = (6, 8) pixels, the same for every pixel.
+    assert errors["translation"].item() == pytest.approx(10.0, abs=1e-4)
+    assert errors["displacement"].item() == pytest.approx(10.0, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------- seeds, centring
 
 
@@ -380,7 +471,8 @@ def test_stn_seed_fixes_the_initial_weights_and_leaves_the_global_generator_alon
 def test_train_stn_same_seed_same_bits():
     """Same seed, same thread count (1, from the fixture): bit-identical trained weights."""
     images = aligned_set(10, size=32)
-    kwargs = dict(epochs=2, samples_per_epoch=32, batch_size=8, image_size=32, progress=False)
+    kwargs = dict(epochs=2, samples_per_epoch=32, batch_size=8, image_size=32, progress=False,
+                  **UNCHECKED)
     seed = int(torch.randint(0, 1000, ()).item())
     runs = []
     for _ in range(2):
@@ -418,7 +510,7 @@ def test_centring_theta_puts_the_mean_pose_at_the_identity():
     torch.testing.assert_close(normal, torch.zeros(2, 1), atol=1e-5, rtol=0)
     # A set of one transform: its mean pose is itself, its centring its inverse.
     one = theta[:1]
-    torch.testing.assert_close(mean_pose(one), one, atol=1e-5, rtol=0)
+    torch.testing.assert_close(invert_theta(centring_theta(one)), one, atol=1e-5, rtol=0)
     torch.testing.assert_close(compose(one, centring_theta(one)), identity_theta(1), atol=1e-5, rtol=0)
 
 
@@ -426,7 +518,7 @@ def test_train_stn_centres_an_aligned_training_set_on_the_identity():
     images = aligned_set(12, size=32)
     stn = STN(width=4, seed=1)
     history = train_stn(stn, images, epochs=2, samples_per_epoch=32, batch_size=8, image_size=32,
-                        progress=False, seed=1)
+                        progress=False, seed=1, **UNCHECKED)
     assert set(history["centring"]) == {"rotation_deg", "log_scale", "translation"}
     with torch.no_grad():
         theta = stn.predict_theta(F.interpolate(images, size=(32, 32), mode="bilinear",
@@ -436,7 +528,7 @@ def test_train_stn_centres_an_aligned_training_set_on_the_identity():
     # Without centring the same training leaves its own constant warp in place.
     raw = STN(width=4, seed=1)
     assert train_stn(raw, images, epochs=2, samples_per_epoch=32, batch_size=8, image_size=32,
-                     progress=False, seed=1, centre=False)["centring"] is None
+                     progress=False, seed=1, centre=False, **UNCHECKED)["centring"] is None
     assert torch.equal(raw.centring, identity_theta(1))
 
 
@@ -446,17 +538,6 @@ def test_state_dict_without_centring_loads_as_identity():
     stn.centring.fill_(3.0)
     stn.load_state_dict(state)
     assert torch.equal(stn.centring, identity_theta(1))
-
-
-def test_fixed_warp_applies_one_transform_to_every_image():
-    theta = similarity_theta(torch.tensor([0.2]), torch.tensor([[0.05, -0.03]]), torch.tensor([-0.04]))
-    warp = FixedWarp(theta, padding_mode="border")
-    x = torch.rand(3, 3, 32, 32)
-    out, thetas = warp(x)
-    assert thetas.shape == (3, 2, 3) and torch.equal(thetas[2], theta[0])
-    torch.testing.assert_close(out, sp.affine_sample(x, theta.expand(3, 2, 3), padding_mode="border"))
-    with pytest.raises(ValueError, match="padding_mode"):
-        FixedWarp(theta, padding_mode="wrap")
 
 
 # ---------------------------------------------------------------------------- acceptance
@@ -485,3 +566,34 @@ def test_reconstruct_stn_undoes_test_drift_within_3_degrees(tmp_path):
     error = theta_pose(residual)["rotation_deg"].abs()
     assert error.mean() < 3.0, f"mean rotation error {error.mean():.2f} deg"
     assert (residual[:, :, 2] * 64).norm(dim=-1).mean() < 3.0  # pixels at 128 px
+
+
+# ---------------------------------------------------------------------------- posed views
+
+
+def test_posed_batches_are_seeded_and_read_files_like_tensors(tmp_path):
+    from PIL import Image
+
+    from stnpadim_ext.models.stn.poses import posed_batches
+
+    images = torch.rand(5, 3, 24, 24)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(paths[-1])
+    pixels = torch.stack([sp.data.load_image(p) for p in paths])
+    ranges = {"rotation": 30.0, "translation": 0.1, "scale": 1.1}
+    seed = int(torch.randint(0, 1000, ()).item())
+    from_files = list(posed_batches(paths, ranges, seed, batch_size=3, n_views=12))
+    from_tensor = list(posed_batches(pixels, ranges, seed, batch_size=3, n_views=12))
+    assert [x.shape[0] for x, _, _ in from_files] == [3, 3, 3, 3]
+    for (x1, v1, p1), (x2, v2, p2) in zip(from_files, from_tensor, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(v1, v2) and p1 is None and p2 is None
+    # Every image is seen before any is seen again (a pass per 5 views).
+    seen = [next(i for i in range(5) if torch.equal(x, pixels[i])) for b, _, _ in from_files for x in b]
+    assert sorted(seen[:5]) == list(range(5)) and sorted(seen[5:10]) == list(range(5))
+    other = list(posed_batches(paths, ranges, seed + 1, batch_size=3, n_views=12))
+    assert not torch.equal(other[0][1], from_files[0][1])
+    poses = {p: [[1.0, 0.0, 0.1 * i], [0.0, 1.0, 0.0]] for i, p in enumerate(paths)}
+    for x, views, known in posed_batches(paths, None, seed, batch_size=2, poses=poses):
+        assert views is None and known.shape == (x.shape[0], 2, 3)

@@ -264,3 +264,36 @@ def test_bad_arguments_and_overwrite_rules(tmp_path):
     make_dataset(tmp_path, categories=["grain"], overwrite=True, **{**small, "n_train": 2})
     assert len(list((tmp_path / "grain" / "train" / "good").iterdir())) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fabric", "grain"]  # no temp left
+
+
+def test_edge_defects_lie_in_the_outer_band(dataset):
+    """part_edge (issue 19): defects where an aligning STN turns the image out of view,
+    beyond EDGE_RADIUS from the centre, on the ground as well as on the part."""
+    root, _ = dataset
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE]
+    radius = np.hypot((xs + 0.5) * 2 / SIZE - 1, (ys + 0.5) * 2 / SIZE - 1)
+    masks = [np.asarray(Image.open(root / "part_edge" / e["mask"])) > 0
+             for e in _meta(root, "part_edge")["images"].values() if e["mask"]]
+    assert len(masks) == len(DEFECTS) * COUNTS["n_test_defect"]
+    for mask in masks:
+        assert mask.any() and (radius[mask] > synth.EDGE_RADIUS).all()
+    assert any(radius[mask].max() > 1.1 for mask in masks)  # some in the corners
+
+
+def test_calibration_images_are_good_and_posed_like_the_test_images(tmp_path):
+    make_dataset(tmp_path, categories=["part_drift"], seed=1, image_size=SIZE, progress=False,
+                 n_calibration=6, **COUNTS)
+    folder = tmp_path / "part_drift"
+    names = sorted(p.name for p in (folder / "calibration" / "good").iterdir())
+    assert names == [f"{i:03d}.png" for i in range(6)]
+    images = _meta(tmp_path, "part_drift")["images"]
+    calibration = [e for rel, e in images.items() if rel.startswith("calibration/")]
+    assert len(calibration) == 6 and all(e["defect"] is None for e in calibration)
+    assert max(abs(e["angle"]) for e in calibration) > 5 * synth.JITTER_DEG  # drift, not jitter
+    # The other images do not depend on whether calibration images were asked for.
+    make_dataset(tmp_path / "plain", categories=["part_drift"], seed=1, image_size=SIZE,
+                 progress=False, **COUNTS)
+    plain = _files(tmp_path / "plain" / "part_drift")
+    full = _files(folder)
+    assert {k: v for k, v in full.items() if k != "meta.json" and not k.startswith("calibration/")} == \
+        {k: v for k, v in plain.items() if k != "meta.json"}

@@ -2,13 +2,15 @@
 decisions at each model's calibrated threshold; optionally the HTML report.
 
 Without --model, each category is fitted from its train/good images with the fit
-options; with an STN, plain PaDiM and the fixed-warp control (PaDiM behind the STN's mean
-pose: a constant warp) are fitted too (same backbone, size, channel subset), so the table
-compares PaDiM, fixed warp and STN+PaDiM. --seeds N repeats everything for seeds
-seed..seed+N-1 and reports each metric's mean with <name>_sd (and <name>_ci95).
+options; with an STN, the baselines a user would try instead are fitted too (same
+backbone, size, channel subset, calibration split: plain PaDiM, PaDiM on pose-augmented
+images and, where the data records true poses, the oracle; experiment.run_arms). --seeds N
+repeats everything for seeds seed..seed+N-1 and reports each metric's mean with
+<name>_sd (and <name>_ci95, a t-interval over the seeds).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +19,10 @@ from ..errors import InputError
 from ..models.padim import load
 from ..report import DECISION_METRICS, markdown_table, summarize, summarize_runs, write_json, write_text
 from ..report_html import HtmlReport
-from .experiment import FIXED_WARP, PADIM, ModelOptions, run_arms, run_category
+from .experiment import ModelOptions, run_arms, run_category
 from .outputs import category_inputs, check_outputs, check_writable_folder
 from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options, at_least
-from .reporting import add_predictions
+from .reporting import add_predictions, false_reject_warning, results_document
 
 
 def register(commands, common) -> None:
@@ -29,7 +31,10 @@ def register(commands, common) -> None:
         description="Fits and calibrates a model per category (or takes --model) and reports "
                     "image AUROC, pixel AUROC, AUPRO and image F1, then the false-reject rate, "
                     "miss rate, precision, recall and F1 at the calibrated threshold, as "
-                    "markdown tables.")
+                    "markdown tables. With an STN, the baselines a user would try instead are "
+                    "fitted beside it: plain PaDiM, PaDiM on pose-augmented images and, where "
+                    "the data records true poses (stnpadim synth), the oracle aligned by them. "
+                    "A category's calibration/good folder, when present, sets the thresholds.")
     parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
     parser.add_argument("--category", nargs="+", metavar="C",
                         help="categories (default: every folder of ROOT with train/good)")
@@ -40,11 +45,12 @@ def register(commands, common) -> None:
     parser.add_argument("--report", metavar="DIR",
                         help="write an HTML report (DIR/index.html: curves, histograms, gallery)")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="with an STN, skip the PaDiM and fixed-warp control columns")
+                        help="with an STN, skip the baseline columns (PaDiM, PaDiM on "
+                             "pose-augmented images, oracle)")
     parser.add_argument("--seeds", type=at_least(1), default=1, metavar="N",
                         help="fit and evaluate with N seeds (--seed, --seed + 1, ...) and report "
-                             "mean, sd (<name>_sd) and 95%% bootstrap interval (<name>_ci95) "
-                             "of each metric (default: 1)")
+                             "mean, sd (<name>_sd) and 95%% t-interval over the seeds "
+                             "(<name>_ci95) of each metric (default: 1)")
     add_model_options(parser)
     add_run_options(parser)
     add_force_option(parser)
@@ -82,11 +88,10 @@ def run(args) -> int:
         arms = _fit_and_evaluate(args, categories, report)
     table = markdown_table(arms) + "\nAt the calibrated threshold:\n\n" + markdown_table(arms, DECISION_METRICS)
     print(table, end="")
-    labels = list(arms)
-    results = dict(arms[labels[-1]])
-    if len(labels) > 1:
-        results["baseline"] = arms[PADIM]
-        results["fixed_warp"] = arms[FIXED_WARP]
+    warning = false_reject_warning(arms)
+    if warning:
+        warnings.warn(warning, stacklevel=1)
+    results = results_document(arms)
     if args.json:
         write_json(args.json, results)
     if args.table:
@@ -117,7 +122,8 @@ def _fit_and_evaluate(args, categories, report) -> dict:
         runs = []
         for i, seed in enumerate(seeds):
             metrics, predictions, models = run_arms(category, replace(options, seed=seed),
-                                                    args.progress, baseline=not args.no_baseline)
+                                                    args.progress, baseline=not args.no_baseline,
+                                                    calibration_paths=category.calibration_paths or None)
             runs.append(metrics)
             if report is not None and i == 0:  # the report shows the first seed's models
                 for label, values in metrics.items():

@@ -1,10 +1,21 @@
-"""Fitting and evaluating one model on one category: shared by fit, eval, demo and
-python/reproduce_table1.py, so every column of a comparison gets the same pre-processing.
+"""Fitting and evaluating models on one category: shared by fit, eval, demo and the python/
+scripts, so every arm of a comparison gets the same pre-processing.
 
-An STN result is always reported beside two controls (`run_arms`): plain PaDiM, and a
-"fixed warp": plain PaDiM behind one constant transform, the STN's mean pose over the
-training images, with the STN's padding and resampling. The STN's gain is what it adds
-over the better of the two; `run_seeds` repeats all three over several seeds.
+An STN result is always reported beside what a user would do instead (`run_arms`), each
+fitted with the same backbone, channel subset, calibration split and seed:
+
+- PaDiM: plain PaDiM on the training images;
+- PaDiM+aug: plain PaDiM on the training images in random poses drawn from the STN's own
+  training ranges (pose augmentation);
+- STN+PaDiM: the STN, then PaDiM fitted on the same posed views as the STN aligns them;
+- oracle, where the data records every image's true pose (`stnpadim synth`'s meta.json):
+  PaDiM on the same posed views aligned by their true pose, and test images aligned by
+  theirs: a perfect STN, the ceiling of alignment.
+
+The three pose arms fit on the same views (ModelOptions.views: as many as the STN's first
+try trains on, up to MAX_VIEWS) and are calibrated on the same held-out images in the same
+random poses (PaDiM.calibrate with pose_ranges): they differ only in how they align. The
+STN's gain is quoted over the better of PaDiM and PaDiM+aug, run by run.
 """
 from __future__ import annotations
 
@@ -14,18 +25,25 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import as_float, describe, iter_batches
+from ..data.images import describe
 from ..data.mvtec import Category, load_mask
 from ..errors import InputError
 from ..metrics import THRESHOLD_METRICS, aupro, image_auroc, image_f1, pixel_auroc, threshold_metrics
 from ..models.padim import PaDiM
 from ..models.padim.calibration import split_holdout
-from ..models.stn import STN, FixedWarp, mean_pose, train_stn
+from ..models.stn import DEFAULT_RANGES, STN, train_stn
+from ..models.stn.poses import RANGE_KEYS, posed_batches
+from ..models.stn.train import DEFAULT_EPOCHS
 
-# Column labels of the three arms, in table order.
-PADIM, FIXED_WARP, STN_PADIM = "PaDiM", "fixed warp", "STN+PaDiM"
-# Per-run gain of the STN over the better control, for these metrics.
+# Column labels of the arms, in table order.
+PADIM, AUGMENTED, STN_PADIM, ORACLE = "PaDiM", "PaDiM+aug", "STN+PaDiM", "oracle"
+# Their keys in results JSON beside the STN arm, which stays at the top level (DESIGN.md).
+JSON_KEYS = {PADIM: "baseline", AUGMENTED: "augmented", ORACLE: "oracle"}
+# Per-run gain of the STN over the better non-oracle baseline, for these metrics.
 GAIN_METRICS = ("image_auroc", "pixel_auroc")
+# Most posed views the pose arms are fitted on: each costs a backbone pass, and PaDiM's
+# Gaussians stop changing long before the canonical STN's 10240 training views.
+MAX_VIEWS = 4096
 
 
 @dataclass(frozen=True)
@@ -37,21 +55,29 @@ class ModelOptions:
         weights: backbone state-dict file, or None for the default weights.
         stn: "reconstruct", "canonical" or "none" (plain PaDiM).
         stn_epochs: maximum STN training epochs, None for train_stn's default.
+        stn_symmetry: the part's rotational symmetry order (train_stn's `symmetry`).
+        accept_weak_stn: keep an STN that fails train_stn's check (with a warning)
+            instead of stopping with WeakSTNError.
         image_size: square side images are resized to.
         center_crop: optional centre crop side after the resize.
         n_features: embedding channels, None for the backbone's default.
-        seed: seeds the channel subset, the calibration hold-out, the STN's initial weights
-            and its training.
+        seed: seeds the channel subset, the calibration hold-out and its poses, the STN's
+            initial weights and its training, and PaDiM+aug's views.
         batch_size: images per forward pass.
         device: torch device string, None for the default.
-        stn_train: further train_stn keyword arguments (e.g. samples_per_epoch).
+        stn_train: further train_stn keyword arguments (e.g. samples_per_epoch, rotation).
         false_reject_rate: target false-reject rate of the calibrated threshold.
+        pose_views: posed views the pose arms (and a fitted STN+PaDiM) fit on; None: as
+            many as the STN's first try trains on (epochs x samples_per_epoch), up to
+            MAX_VIEWS.
     """
 
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
     stn: str = "reconstruct"
     stn_epochs: int | None = None
+    stn_symmetry: int = 1
+    accept_weak_stn: bool = False
     image_size: int = 256
     center_crop: int | None = None
     n_features: int | None = None
@@ -60,6 +86,7 @@ class ModelOptions:
     device: str | None = None
     stn_train: dict = field(default_factory=dict)
     false_reject_rate: float = 0.01
+    pose_views: int | None = None
 
     @classmethod
     def from_args(cls, args) -> "ModelOptions":
@@ -73,6 +100,19 @@ class ModelOptions:
         """Column label: "PaDiM" or "STN+PaDiM"."""
         return PADIM if self.stn == "none" else STN_PADIM
 
+    @property
+    def pose_ranges(self) -> dict:
+        """The STN's training ranges (rotation, translation, scale): its declared pose range."""
+        return {k: float(self.stn_train.get(k, DEFAULT_RANGES[self.stn][k])) for k in RANGE_KEYS}
+
+    @property
+    def views(self) -> int:
+        """Posed views the pose arms fit on (pose_views, or the STN's first-try budget, capped)."""
+        if self.pose_views is not None:
+            return self.pose_views
+        epochs = self.stn_epochs or DEFAULT_EPOCHS[self.stn]
+        return min(MAX_VIEWS, epochs * self.stn_train.get("samples_per_epoch", 512))
+
 
 @dataclass
 class Predictions:
@@ -82,7 +122,7 @@ class Predictions:
         paths: test image paths; defects: their defect types; labels: int64 [N].
         scores: float32 [N]; maps: float32 [N, H, W]; masks: bool [N, H, W].
         seconds: model time (alignment, backbone, distances, maps), excluding image reading.
-        out_of_view: float32 [N], share of each image's pixels the model did not see.
+        out_of_view: bool [N, H, W], the pixels the model did not see.
     """
 
     paths: list
@@ -102,7 +142,13 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
 
     The backbone is built first, so missing weights are reported before any training.
     Without calibration_paths a seeded share of train_paths is held out (split_holdout):
-    neither the STN nor the Gaussians see it; it only sets the threshold.
+    neither the STN nor the Gaussians see it; it only sets the threshold. Behind an STN the
+    Gaussians are fitted on options.views views (at least one per image) of the training
+    images in random poses of
+    the STN's declared range, as the STN aligns them, and the held-out images are scored in
+    such poses too (PaDiM.fit / calibrate with pose_ranges): test parts are expected to
+    arrive in any pose of that range. A given calibration folder holds real line images:
+    they are scored as they are.
 
     Returns:
         (fitted model, info) with info: fit_seconds (STN training + PaDiM fit +
@@ -111,49 +157,62 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
     # Border padding: a part aligned from up to 30 degrees off shows no black corners,
     # which PaDiM would score as anomalies (measured on synthetic part_drift, 128 px,
     # efficientnet_lite0: STN+PaDiM image AUROC 0.57 with zeros padding, 0.89 with border).
-    if len(train_paths) < 2:  # a covariance (and the STN's validation split) needs two
-        raise InputError(f"{describe(train_paths)}: fitting needs at least 2 good images; "
-                         f"got {len(train_paths)}")
+    _check_enough(train_paths)
     stn = None if options.stn == "none" else STN(padding_mode="border", seed=options.seed)
     model = _padim(options, stn, progress)
     info = {}
     start = time.perf_counter()
-    if calibration_paths is None:
+    held_out = calibration_paths is None
+    if held_out:
         train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
     if stn is not None:
         kwargs = dict(options.stn_train)
         if options.stn_epochs is not None:
             kwargs["epochs"] = options.stn_epochs
         info["stn_history"] = train_stn(model.stn, train_paths, objective=options.stn,
-                                        seed=options.seed, progress=progress, **kwargs)
-    model.fit(train_paths)
+                                        seed=options.seed, symmetry=options.stn_symmetry,
+                                        accept_weak=options.accept_weak_stn, progress=progress,
+                                        **kwargs)
+    ranges = None if stn is None else model.stn.record["ranges"]
+    model.fit(train_paths, ranges, None if stn is None else max(options.views, len(train_paths)),
+              options.seed)
     if calibration_paths:  # none below 3 training images
-        model.calibrate(calibration_paths, options.false_reject_rate)
+        model.calibrate(calibration_paths, options.false_reject_rate, ranges if held_out else None,
+                        seed=options.seed)
     info["fit_seconds"] = time.perf_counter() - start
     return model, info
 
 
-def fixed_warp_model(stn_model: PaDiM, train_paths, options: ModelOptions,
-                     progress: bool = True) -> tuple[PaDiM, dict]:
-    """The fixed-warp control of a fitted STN+PaDiM: plain PaDiM behind the STN's mean pose
-    over its training images (one constant transform), same padding and resampling, fitted
-    and calibrated on the same split of train_paths as fit_model's.
+def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: dict | None = None,
+              calibration_paths=None) -> tuple[PaDiM, dict]:
+    """A pose arm without an STN: plain PaDiM fitted on options.views views (at least one per
+    image) of the training images in random poses of the STN's ranges (options.pose_ranges) and calibrated like
+    fit_model's STN arm (the held-out images in random poses of the same ranges, or the
+    given line images as they are): PaDiM+aug, or with the images' true `poses` ({path:
+    theta}) aligning every view and image, the oracle.
 
     Returns:
-        (fitted model, info) with info: fit_seconds (PaDiM fit + calibration) and theta (the
-        warp, [2, 3]).
+        (fitted model, info) with info: fit_seconds.
     """
+    _check_enough(train_paths)
     start = time.perf_counter()
-    train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
-    with torch.no_grad():
-        theta = torch.cat([stn_model.stn.predict_theta(as_float(batch.to(stn_model.device)))
-                           for batch in iter_batches(train_paths, options.batch_size,
-                                                     size=options.image_size)])
-    warp = FixedWarp(mean_pose(theta.cpu()), stn_model.stn.config["padding_mode"])
-    model = _padim(options, warp, progress).fit(train_paths)
+    model = _padim(replace(options, stn="none"), None, progress)
+    ranges = options.pose_ranges
+    calibration_ranges = None
+    if calibration_paths is None:
+        train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
+        calibration_ranges = ranges
+    model.fit(train_paths, ranges, max(options.views, len(train_paths)), options.seed, poses)
     if calibration_paths:
-        model.calibrate(calibration_paths, options.false_reject_rate)
-    return model, {"fit_seconds": time.perf_counter() - start, "theta": warp.theta[0].tolist()}
+        model.calibrate(calibration_paths, options.false_reject_rate, calibration_ranges,
+                        options.seed, poses)
+    return model, {"fit_seconds": time.perf_counter() - start}
+
+
+def _check_enough(train_paths) -> None:
+    if len(train_paths) < 2:  # a covariance (and the STN's validation split) needs two
+        raise InputError(f"{describe(train_paths)}: fitting needs at least 2 good images; "
+                         f"got {len(train_paths)}")
 
 
 def _padim(options: ModelOptions, stn, progress: bool) -> PaDiM:
@@ -163,36 +222,39 @@ def _padim(options: ModelOptions, stn, progress: bool) -> PaDiM:
                  seed=options.seed, progress=progress)
 
 
-def predict_category(model: PaDiM, category: Category, progress: bool = True) -> Predictions:
-    """Scores every test image of `category` (images and masks resized to the model's size)."""
+def predict_category(model: PaDiM, category: Category, progress: bool = True,
+                     poses: dict | None = None) -> Predictions:
+    """Scores every test image of `category` (images and masks resized to the model's size),
+    aligned by their known `poses` ({path: theta}, the oracle) when given."""
     items = category.test_items
     if not items:
         raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
     size = model.image_size
-    scores, maps, out_of_view, seconds = [], [], [], 0.0
+    scores, maps, unseen, seconds = [], [], [], 0.0
     paths = [item.path for item in items]
     with tqdm(total=len(paths), desc=f"{category.name}: predict", unit="img",
               disable=not progress, leave=False) as bar:
-        for batch in iter_batches(paths, model.batch_size, size=size):
+        for batch, _, pose in posed_batches(paths, batch_size=model.batch_size, size=size, poses=poses):
             start = time.perf_counter()
-            batch_scores, batch_maps = model.predict_batch(batch)
+            batch_scores, batch_maps = model.predict_batch(batch, pose=pose)
             batch_scores, batch_maps = batch_scores.cpu(), batch_maps.cpu()
             seconds += time.perf_counter() - start
             scores.append(batch_scores)
             maps.append(batch_maps)
-            out_of_view.append(model.out_of_view_fraction(batch))
+            unseen.append(model.out_of_view(batch, pose))
             bar.update(batch.shape[0])
     masks = torch.stack([torch.zeros(size, dtype=torch.bool) if item.mask_path is None
                          else load_mask(item.mask_path, size) for item in items])
     return Predictions(paths=paths, defects=[item.defect for item in items],
                        labels=torch.tensor([item.label for item in items]),
                        scores=torch.cat(scores), maps=torch.cat(maps), masks=masks,
-                       seconds=seconds, out_of_view=torch.cat(out_of_view))
+                       seconds=seconds, out_of_view=torch.cat(unseen))
 
 
 def compute_metrics(predictions: Predictions, crop: tuple[int, int] | None = None) -> dict:
-    """image/pixel AUROC, AUPRO and image F1 of `predictions` (None where undefined), and the
-    mean out-of-view fraction of its images.
+    """image/pixel AUROC, AUPRO and image F1 of `predictions` (None where undefined), the
+    mean out-of-view share of the images' pixels and of their defect pixels (None without
+    defects).
 
     Args:
         predictions: as returned by predict_category.
@@ -201,6 +263,9 @@ def compute_metrics(predictions: Predictions, crop: tuple[int, int] | None = Non
     """
     labels, scores = predictions.labels.numpy(), predictions.scores.numpy()
     masks, maps = predictions.masks, predictions.maps
+    defect_pixels = int(masks.sum())
+    unseen_defects = (None if defect_pixels == 0 else
+                      int((masks & predictions.out_of_view).sum()) / defect_pixels)
     if crop is not None:
         (height, width), (ch, cw) = masks.shape[-2:], crop
         top, left = (height - ch) // 2, (width - cw) // 2
@@ -213,59 +278,88 @@ def compute_metrics(predictions: Predictions, crop: tuple[int, int] | None = Non
         "pixel_auroc": float(pixel_auroc(masks, maps)) if both_pixels else None,
         "aupro": float(aupro(masks, maps)) if both_pixels else None,
         "image_f1": float(image_f1(labels, scores)) if both_labels else None,
-        "out_of_view_fraction": float(predictions.out_of_view.mean()),
+        "out_of_view_fraction": float(predictions.out_of_view.float().mean()),
+        "defect_out_of_view_fraction": unseen_defects,
     }
 
 
 def run_category(category: Category, options: ModelOptions, progress: bool = True,
-                 model: PaDiM | None = None) -> tuple[dict, Predictions, PaDiM]:
-    """Fits (unless `model` is given) and evaluates one model on one category.
+                 model: PaDiM | None = None, poses: dict | None = None,
+                 calibration_paths=None) -> tuple[dict, Predictions, PaDiM]:
+    """Fits (unless `model` is given; calibrated on `calibration_paths` when given, else on
+    a held-out share) and evaluates one model on one category, its test images aligned by
+    their true `poses` when given.
 
     Returns:
         (metrics, predictions, model); metrics hold the METRICS keys plus fit_seconds (None
-        for a given model), images_per_second (model throughput on the test set) and the
-        THRESHOLD_METRICS at the model's calibrated threshold (None when uncalibrated).
+        for a given model), images_per_second (model throughput on the test set), the
+        THRESHOLD_METRICS at the model's calibrated threshold (None when uncalibrated) and,
+        for a model whose STN was checked by train_stn, stn_alignment_deg,
+        stn_alignment_px and stn_error_ratio (its held-out alignment error) and stn_retries.
+        false_reject_bound is the calibrated threshold's guaranteed rate (for images like
+        the calibration images; None when uncalibrated).
     """
     fit_seconds = None
     if model is None:
-        model, info = fit_model(category.train_paths, options, progress)
+        model, info = fit_model(category.train_paths, options, progress, calibration_paths)
         fit_seconds = info["fit_seconds"]
-    predictions = predict_category(model, category, progress)
+    predictions = predict_category(model, category, progress, poses)
     metrics = compute_metrics(predictions, model.center_crop)
     metrics["fit_seconds"] = fit_seconds
     metrics["images_per_second"] = len(predictions.paths) / max(predictions.seconds, 1e-9)
     metrics.update(dict.fromkeys(THRESHOLD_METRICS) if model.threshold is None else
                    threshold_metrics(predictions.labels, predictions.scores, model.threshold))
+    metrics["false_reject_bound"] = (None if model.calibration is None
+                                     else model.calibration.guaranteed_rate)
+    record = None if model.stn is None else model.stn.record
+    if record is not None:
+        alignment = record["alignment"]
+        metrics.update(stn_alignment_deg=alignment["rotation_deg"],
+                       stn_alignment_px=alignment["translation_px"],
+                       stn_error_ratio=alignment["error_ratio"], stn_retries=record["retries"])
     return metrics, predictions, model
 
 
 def run_arms(category: Category, options: ModelOptions, progress: bool = True,
-             baseline: bool = True) -> tuple[dict[str, dict], dict[str, Predictions], dict[str, PaDiM]]:
-    """Fits and evaluates `options` on one category beside its controls.
+             baseline: bool = True, calibration_paths=None
+             ) -> tuple[dict[str, dict], dict[str, Predictions], dict[str, PaDiM]]:
+    """Fits and evaluates `options` on one category beside the baselines (module docstring),
+    every arm calibrated on `calibration_paths` (line images, as they are) when given, else
+    on the same held-out share.
 
     Returns:
         ({label: metrics}, {label: predictions}, {label: model}) as run_category gives them:
-        for plain PaDiM options just PADIM; with an STN, PADIM, FIXED_WARP and STN_PADIM (the
-        controls skipped when `baseline` is False). The STN arm's metrics also hold
-        <metric>_gain for GAIN_METRICS: its value minus the better of the two controls'.
+        for plain PaDiM options just PADIM; with an STN, PADIM, AUGMENTED, STN_PADIM and,
+        where the category records true poses, ORACLE (only STN_PADIM when `baseline` is
+        False). The STN arm's metrics also hold <metric>_gain for GAIN_METRICS: its value
+        minus the better of PaDiM's and PaDiM+aug's.
     """
     if options.stn == "none":
-        metrics, predictions, model = run_category(category, options, progress)
+        metrics, predictions, model = run_category(category, options, progress,
+                                                   calibration_paths=calibration_paths)
         return {PADIM: metrics}, {PADIM: predictions}, {PADIM: model}
+    train = category.train_paths
+    fitters = {STN_PADIM: None}
+    if baseline:
+        fitters = {PADIM: None, **fitters}
+        fitters[AUGMENTED] = lambda: fit_posed(train, options, progress, None, calibration_paths)
+        if category.poses is not None:
+            fitters[ORACLE] = lambda: fit_posed(train, options, progress, category.poses,
+                                                calibration_paths)
     metrics, predictions, models = {}, {}, {}
-    if baseline:
-        metrics[PADIM], predictions[PADIM], models[PADIM] = run_category(
-            category, replace(options, stn="none"), progress)
-    stn_metrics, stn_predictions, stn_model = run_category(category, options, progress)
-    if baseline:
-        model, info = fixed_warp_model(stn_model, category.train_paths, options, progress)
-        metrics[FIXED_WARP], predictions[FIXED_WARP], models[FIXED_WARP] = run_category(
-            category, options, progress, model=model)
-        metrics[FIXED_WARP]["fit_seconds"] = info["fit_seconds"]
-        for name in GAIN_METRICS:
-            controls = [metrics[PADIM][name], metrics[FIXED_WARP][name]]
-            if stn_metrics[name] is not None and None not in controls:
-                stn_metrics[f"{name}_gain"] = stn_metrics[name] - max(controls)
-    metrics[STN_PADIM], predictions[STN_PADIM], models[STN_PADIM] = (stn_metrics, stn_predictions,
-                                                                     stn_model)
+    for label in (PADIM, AUGMENTED, STN_PADIM, ORACLE):
+        if label not in fitters:
+            continue
+        fit = fitters[label]
+        arm_options = replace(options, stn="none") if label == PADIM else options
+        model, info = (None, {}) if fit is None else fit()
+        metrics[label], predictions[label], models[label] = run_category(
+            category, arm_options, progress, model=model,
+            poses=category.poses if label == ORACLE else None, calibration_paths=calibration_paths)
+        if fit is not None:
+            metrics[label]["fit_seconds"] = info["fit_seconds"]
+    for name in GAIN_METRICS:
+        baselines = [metrics[label][name] for label in (PADIM, AUGMENTED) if label in metrics]
+        if baselines and None not in baselines and metrics[STN_PADIM][name] is not None:
+            metrics[STN_PADIM][f"{name}_gain"] = metrics[STN_PADIM][name] - max(baselines)
     return metrics, predictions, models

@@ -14,7 +14,7 @@ from ..models.padim import MAX_IMAGE_SIZE
 from .experiment import ModelOptions
 
 STN_CHOICES = ("reconstruct", "canonical", "none")
-COMMANDS = ("demo", "fit", "score", "eval", "synth", "export")
+COMMANDS = ("demo", "fit", "score", "eval", "synth", "export", "serve")
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,14 +26,14 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     """The `stnpadim` parser with one subparser per command (each sets `run`)."""
-    from . import demo, evaluate, export, fit, score, synth  # the commands register themselves
+    from . import demo, evaluate, export, fit, score, serve, synth  # the commands register themselves
 
     parser = Parser(prog="stnpadim", description="PaDiM anomaly detection with a "
                     "self-supervised Spatial Transformer (STN).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     common = common_options()
-    for module in (demo, fit, score, evaluate, synth, export):
+    for module in (demo, fit, score, evaluate, synth, export, serve):
         module.register(commands, common)
     return parser
 
@@ -64,6 +64,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stn-epochs", type=at_least(1), metavar="N",
                        help="maximum STN training epochs (default: the trainer's, per "
                             "objective; training stops early when validation stalls)")
+    group.add_argument("--stn-symmetry", type=at_least(1), metavar="N",
+                       help="the part looks the same after a 1/N turn (e.g. 2): the STN's "
+                            "alignment check measures rotations modulo 360/N degrees (default: 1)")
+    group.add_argument("--accept-weak-stn", action="store_true", default=None,
+                       help="keep an STN that fails its held-out alignment check (after its "
+                            "retries) with a warning, instead of stopping with an error")
     group.add_argument("--image-size", type=at_least(32, MAX_IMAGE_SIZE), metavar="PX",
                        help=f"images are resized to PX x PX, 32..{MAX_IMAGE_SIZE} "
                             f"(default: {defaults.image_size})")
@@ -79,8 +85,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             f"threshold (default: {defaults.false_reject_rate})")
 
 
-MODEL_OPTIONS = ("backbone", "weights", "stn", "stn_epochs", "image_size", "center_crop",
-                 "n_features", "seed", "false_reject_rate")
+MODEL_OPTIONS = ("backbone", "weights", "stn", "stn_epochs", "stn_symmetry", "accept_weak_stn",
+                 "image_size", "center_crop", "n_features", "seed", "false_reject_rate")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:

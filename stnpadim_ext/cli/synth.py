@@ -12,7 +12,9 @@ _DEFAULTS = {name: p.default for name, p in inspect.signature(make_dataset).para
 _SIZES = {"image_size": ((32, MAX_IMAGE_SIZE), "PX", "square image side"),
           "n_train": ((1,), "N", "good training images per category"),
           "n_test_good": ((0,), "N", "good test images per category"),
-          "n_test_defect": ((0,), "N", "test images per defect type per category")}
+          "n_test_defect": ((0,), "N", "test images per defect type per category"),
+          "n_calibration": ((0,), "N", "good line images per category, posed like the test "
+                                       "images, in CAT/calibration/good (fit and eval calibrate on them)")}
 
 
 def register(commands, common) -> None:

@@ -3,6 +3,8 @@
     ROOT/CATEGORY/train/good/*.png
     ROOT/CATEGORY/test/<defect type>/*.png          ("good" = normal test images)
     ROOT/CATEGORY/ground_truth/<defect type>/<name>_mask.png
+    ROOT/CATEGORY/calibration/good/*.png              (optional, not MVTec AD's own: good
+                                                       images from the line, for calibration)
 
     cat = load_category(root, "bottle")
     cat.train_paths                     # [Path]
@@ -72,8 +74,14 @@ class Category:
         test_items: TestItems of every test/<defect>/ image, sorted by (defect, name); empty
             when there is no test folder (enough for fitting).
         defect_types: sorted defect types of the test set, without "good".
+        calibration_paths: sorted image paths in calibration/good (good images from the
+            line that set the threshold instead of a held-out share of train/good); empty
+            without that folder.
         is_texture: True for the MVTec AD texture categories and synthetic textures (from
             the generator's meta.json), False otherwise.
+        poses: {image path: theta [2, 3] as nested lists} of every image whose true pose the
+            folder records (the generator's meta.json: theta takes the canonical frame into
+            the image), or None.
 
     Raises:
         InputError: missing root, category or train/good; no training images; a file that
@@ -96,8 +104,12 @@ class Category:
         if not self.train_paths:
             raise InputError(f"{train}: no training images")
         self.test_items = self._test_items()
+        line = self.path / "calibration" / "good"
+        self.calibration_paths = _images_in(line) if line.is_dir() else []
         self.defect_types = sorted({t.defect for t in self.test_items} - {"good"})
-        self.is_texture = name in MVTEC_TEXTURES or _synthetic_kind(self.path) == "texture"
+        meta = _synthetic_meta(self.path)
+        self.is_texture = name in MVTEC_TEXTURES or (meta or {}).get("kind") == "texture"
+        self.poses = None if meta is None else meta["poses"]
 
     def __repr__(self) -> str:
         return (f"Category({self.name!r}, train={len(self.train_paths)}, "
@@ -204,9 +216,11 @@ def _check_same_size(image: Path, mask: Path) -> None:
                          f"{image_size[0]}x{image_size[1]} (W x H)")
 
 
-def _synthetic_kind(folder: Path) -> str | None:
+def _synthetic_meta(folder: Path) -> dict | None:
+    """{"kind", "poses"} from the generator's meta.json, or None without a readable one."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        return meta["spec"]["kind"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return {"kind": meta["spec"]["kind"],
+                "poses": {folder / rel: entry["theta"] for rel, entry in meta["images"].items()}}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

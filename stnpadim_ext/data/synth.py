@@ -5,7 +5,9 @@
 
 writes, per category, exactly the MVTec AD layout (ROOT/CAT/train/good/000.png,
 ROOT/CAT/test/<defect>/000.png, ROOT/CAT/ground_truth/<defect>/000_mask.png with 0/255
-L-mode masks) plus ROOT/CAT/meta.json holding the category spec and every image's pose.
+L-mode masks) plus ROOT/CAT/meta.json holding the category spec and every image's pose,
+and, when asked (n_calibration), ROOT/CAT/calibration/good/000.png: good images posed like
+the test images, as a user would collect from the line to calibrate a threshold.
 
 Everything is rendered analytically from coordinates (textures from random Fourier fields,
 the part from a signed distance function), so a pose is an exact change of coordinates:
@@ -64,7 +66,9 @@ SHIFT_FRACTION = 0.04  # of the image size, for the drifting and random modes
 
 # Harder part variants (options of the "part" family): lighting "scene" is fixed in the
 # image frame and does not turn with the part; shape "link" has 2-fold rotational symmetry
-# (its canonical pose is ambiguous); clutter puts random objects on the background.
+# (its canonical pose is ambiguous); clutter puts random objects on the background;
+# defects "edge" go near the image border and corners instead of onto the part: where an
+# aligning STN turns the image out of view.
 CATEGORIES = {
     "fabric": {"kind": "texture", "family": "fabric", "pose": "aligned"},
     "grain": {"kind": "texture", "family": "grain", "pose": "aligned"},
@@ -77,7 +81,11 @@ CATEGORIES = {
     "part_lit": {"kind": "object", "family": "part", "pose": "drift", "lighting": "scene"},
     "part_sym": {"kind": "object", "family": "part", "pose": "random", "shape": "link"},
     "part_clutter": {"kind": "object", "family": "part", "pose": "drift", "clutter": True},
+    "part_edge": {"kind": "object", "family": "part", "pose": "drift", "defects": "edge"},
 }
+# "edge" defects: in the image's outer band, beyond this radius (normalised: 1 = half the
+# side, so the band holds the corners and a strip along each side).
+EDGE_RADIUS = 0.85
 
 POSE_CONVENTION = (
     "angle: degrees, counter-clockwise on screen, about the image centre; shift: [dx, dy] "
@@ -95,7 +103,7 @@ POSE_CONVENTION = (
 def make_dataset(root: str | os.PathLike, categories=None, seed: int = 0, image_size: int = 128,
                  n_train: int = 40, n_test_good: int = 8, n_test_defect: int = 4,
                  pose: str | dict | None = None, overwrite: bool = False,
-                 progress: bool = True) -> list[str]:
+                 progress: bool = True, n_calibration: int = 0) -> list[str]:
     """Writes a synthetic MVTec-format data set under `root`, deterministic by `seed`.
 
     Args:
@@ -111,17 +119,19 @@ def make_dataset(root: str | os.PathLike, categories=None, seed: int = 0, image_
         overwrite: replace category folders previously written by this generator (a
             folder holding anything else is never touched).
         progress: show a tqdm bar.
+        n_calibration: good "line" images per category in the test split's pose mode,
+            written to CAT/calibration/good/ (none by default).
 
     Returns:
         The category names written, in order; each is at root/<name>.
     """
-    names = _check_args(categories, image_size, n_train, n_test_good, n_test_defect)
+    names = _check_args(categories, image_size, n_train, n_test_good, n_test_defect, n_calibration)
     modes = _pose_modes(names, pose)
     root = Path(root)
     for name in names:
         _check_target(root / name, overwrite)
     root.mkdir(parents=True, exist_ok=True)
-    total = len(names) * (n_train + n_test_good + n_test_defect * len(DEFECTS))
+    total = len(names) * (n_train + n_test_good + n_test_defect * len(DEFECTS) + n_calibration)
     # The small matmuls in _Field run ~10x slower on a busy machine with threaded BLAS.
     with tqdm(total=total, desc="synth", unit="img", disable=not progress) as bar, \
             threadpool_limits(1, user_api="blas"):
@@ -130,7 +140,7 @@ def make_dataset(root: str | os.PathLike, categories=None, seed: int = 0, image_
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
             try:
                 _write_category(tmp, name, modes[name], seed, image_size,
-                                (n_train, n_test_good, n_test_defect), bar)
+                                (n_train, n_test_good, n_test_defect, n_calibration), bar)
                 _move_into_place(tmp, root / name)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -175,7 +185,7 @@ def _check_args(categories, image_size, *counts) -> list[str]:
     if not isinstance(image_size, int) or not 32 <= image_size <= MAX_IMAGE_SIZE:
         raise InputError(f"image_size must be an integer in 32..{MAX_IMAGE_SIZE}; got {image_size!r}")
     if any(not isinstance(c, int) or c < 0 for c in counts) or counts[0] < 1:
-        raise InputError(f"n_train must be >= 1 and test counts >= 0; got {counts}")
+        raise InputError(f"n_train must be >= 1 and the other counts >= 0; got {counts}")
     return names
 
 
@@ -218,15 +228,17 @@ def _is_synthetic(folder: Path) -> bool:
 
 
 def _write_category(out: Path, name: str, mode: str, seed: int, size: int, counts, bar) -> None:
-    n_train, n_test_good, n_test_defect = counts
+    n_train, n_test_good, n_test_defect, n_calibration = counts
     family = _family(name, seed, size)
     images = {}
     jobs = [("train", "good", i) for i in range(n_train)]
     jobs += [("test", "good", i) for i in range(n_test_good)]
     jobs += [("test", d, i) for d in DEFECTS for i in range(n_test_defect)]
+    jobs += [("calibration", "good", i) for i in range(n_calibration)]
     for split, kind, i in jobs:
         rng = _rng(seed, name, split, kind, i)
-        angle, shift, scale, perspective = _sample_pose(rng, POSE_MODES[mode][split], size)
+        posed_like = "test" if split == "calibration" else split  # line images drift like the test
+        angle, shift, scale, perspective = _sample_pose(rng, POSE_MODES[mode][posed_like], size)
         sample = family.render(rng, angle, shift, scale, perspective)
         rel = f"{split}/{kind}/{i:03d}.png"
         entry = {"angle": round(angle, 6), "shift": [round(shift[0], 6), round(shift[1], 6)],
@@ -375,7 +387,8 @@ def _family(name: str, seed: int, size: int):
     rng = _rng(seed, name, "family")
     if spec["family"] == "part":
         return _Part(rng, size, shape=spec.get("shape", "bracket"),
-                     lighting=spec.get("lighting", "part"), clutter=spec.get("clutter", False))
+                     lighting=spec.get("lighting", "part"), clutter=spec.get("clutter", False),
+                     defects=spec.get("defects", "part"))
     return {"fabric": _Fabric, "grain": _Grain, "mesh": _Mesh}[spec["family"]](rng, size)
 
 
@@ -485,6 +498,8 @@ class _Part:
     light gradient fixed in the image frame instead, over part and ground alike.
     clutter: 3-6 random discs and bars on the ground of each image (under the part, never
     on it, so defect masks stay exact).
+    defects "part": on the part's interior; "edge": anywhere in the image's outer band
+    (beyond EDGE_RADIUS from the centre), mostly on the ground.
 
     In the canonical frame (normalised units) the part fits in a disc of radius 0.78, so
     with a shift of at most SHIFT_FRACTION of the size it stays inside the frame at any
@@ -494,8 +509,9 @@ class _Part:
     kind = "object"
 
     def __init__(self, rng, size, shape: str = "bracket", lighting: str = "part",
-                 clutter: bool = False):
+                 clutter: bool = False, defects: str = "part"):
         self.size, self.shape, self.lighting, self.clutter = size, shape, lighting, clutter
+        self.defects = defects
         self.brush = _Field(rng, 48, 25.0, 60.0, stretch=(0.05, 1.0))
         self.ground_field = _Field(rng, 24, 0.5, 2.0)
         self.ground_fine = _Field(rng, 48, 20.0, 40.0)
@@ -555,8 +571,12 @@ class _Part:
             ix, iy = _Grid(size).xy()
             image = image * (1.0 - 0.25 * ix + 0.1 * iy)[..., None]
         image = image + rng.normal(0.0, 0.008, image.shape).astype(np.float32)
+        image = np.clip(image, 0.0, 1.0).astype(np.float32)
+        if self.defects == "edge":  # the outer band of the image frame, part or ground
+            ix, iy = _Grid(size).xy()
+            return _Sample(image, np.hypot(ix, iy) > EDGE_RADIUS)
         interior = sdf < -1.5  # pixels a defect may touch: well inside, off the anti-aliased rim
-        return _Sample(np.clip(image, 0.0, 1.0).astype(np.float32), interior, sdf)
+        return _Sample(image, interior, sdf)
 
 
 def _add_clutter(back: np.ndarray, rng) -> np.ndarray:
@@ -612,10 +632,10 @@ def _centre(sample: _Sample, rng, margin: float) -> tuple[float, float]:
         ok = sample.sdf < -max(2.0, margin)
         if not ok.any():
             ok = sample.region
-    else:
+    else:  # anywhere in the region, margin pixels from the image border
         ok = np.zeros_like(sample.region)
         m = int(math.ceil(margin)) + 1
-        ok[m:size - m, m:size - m] = True
+        ok[m:size - m, m:size - m] = sample.region[m:size - m, m:size - m]
     ys, xs = np.nonzero(ok)
     i = rng.integers(len(xs))
     return float(xs[i]) + rng.uniform(-0.5, 0.5), float(ys[i]) + rng.uniform(-0.5, 0.5)

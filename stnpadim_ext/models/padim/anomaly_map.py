@@ -72,7 +72,7 @@ def to_input_frame(maps: torch.Tensor, size: tuple[int, int],
     Input pixels whose source lies outside the model's view (corners the STN turned out of
     the frame, the margin of a crop) take the value of the nearest pixel it did see (border
     padding): 0 would call them perfectly normal although nobody looked. How much of each
-    image that is: `out_of_view_fraction`.
+    image that is: `out_of_view`.
     """
     if theta is None:
         if tuple(maps.shape[-2:]) == tuple(size):
@@ -81,9 +81,8 @@ def to_input_frame(maps: torch.Tensor, size: tuple[int, int],
     return affine_sample(maps[:, None], theta.to(maps.dtype), size=size, padding_mode="border")[:, 0]
 
 
-def out_of_view_fraction(theta: torch.Tensor, grid: tuple[int, int],
-                         size: tuple[int, int]) -> torch.Tensor:
-    """Share of each input image's pixels that the model's view did not cover: [B].
+def out_of_view(theta: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Pixels of each input image that the model's view did not cover: bool [B, *size].
 
     Args:
         theta: [B, 2, 3] as for `to_input_frame`.
@@ -95,4 +94,4 @@ def out_of_view_fraction(theta: torch.Tensor, grid: tuple[int, int],
     """
     ones = theta.new_ones(theta.shape[0], 1, *grid)
     coverage = affine_sample(ones, theta, size=size, padding_mode="zeros")
-    return (coverage < 0.5).flatten(1).float().mean(1)
+    return coverage[:, 0] < 0.5

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ...errors import InputError
+from .validate import check_pose_ranges
 
 # Held-out share of the training images, and the count aimed for when the folder has enough.
 HOLDOUT_FRACTION = 0.1
@@ -39,6 +40,9 @@ class Calibration:
         guaranteed_rate: the false-reject rate the threshold guarantees, 1 - k / (n + 1):
             <= alpha, or 1 / (n + 1) > alpha when n is too small for alpha.
         quantiles: [[level, score], ...] of the calibration scores (QUANTILE_LEVELS).
+        pose_ranges: None when the calibration images were scored in their own poses; else
+            the ranges ({"rotation", "translation", "scale"}) of the random poses they were
+            turned into first: the guarantee holds for good parts posed within them.
     """
 
     threshold: float
@@ -46,6 +50,7 @@ class Calibration:
     n: int
     guaranteed_rate: float
     quantiles: list
+    pose_ranges: dict | None = None
 
     @property
     def note(self) -> str | None:
@@ -63,12 +68,18 @@ class Calibration:
 
     @classmethod
     def from_config(cls, config: dict) -> "Calibration":
-        """Inverse of to_config; KeyError/TypeError/ValueError on a damaged entry."""
-        if not isinstance(config, dict) or set(config) != set(cls.__dataclass_fields__):
+        """Inverse of to_config; KeyError/TypeError/ValueError on a damaged entry. Entries
+        written before pose_ranges existed load with pose_ranges None."""
+        required = set(cls.__dataclass_fields__) - {"pose_ranges"}
+        if not isinstance(config, dict) or not required <= set(config) <= set(cls.__dataclass_fields__):
             raise ValueError(f"config 'calibration' must hold {sorted(cls.__dataclass_fields__)}")
+        pose_ranges = config.get("pose_ranges")
+        if pose_ranges is not None:
+            check_pose_ranges(pose_ranges, "calibration.pose_ranges")
         calibration = cls(threshold=float(config["threshold"]), alpha=float(config["alpha"]),
                           n=int(config["n"]), guaranteed_rate=float(config["guaranteed_rate"]),
-                          quantiles=[[float(q), float(v)] for q, v in config["quantiles"]])
+                          quantiles=[[float(q), float(v)] for q, v in config["quantiles"]],
+                          pose_ranges=None if pose_ranges is None else dict(pose_ranges))
         if not (0 < calibration.threshold < math.inf and calibration.n >= 1
                 and 0 < calibration.alpha < 1 and 0 < calibration.guaranteed_rate < 1):
             raise ValueError(f"config 'calibration' out of range: threshold {calibration.threshold}, "
@@ -93,12 +104,13 @@ def min_images(alpha: float) -> int:
     return max(1, math.ceil(1.0 / alpha - 1.0 - 1e-9))
 
 
-def conformal_calibration(scores: torch.Tensor, alpha: float) -> Calibration:
+def conformal_calibration(scores: torch.Tensor, alpha: float, pose_ranges: dict | None = None) -> Calibration:
     """The conformal threshold of good-image scores for a target false-reject rate.
 
     Args:
         scores: [n] image scores of good images not used to fit the model, n >= 1.
         alpha: target false-reject rate, in (0, 1).
+        pose_ranges: the random poses the images were scored in, if any (kept as a record).
 
     Returns:
         Calibration with threshold = k-th smallest score, k = min(n, ceil((n + 1)(1 - alpha))).
@@ -117,7 +129,8 @@ def conformal_calibration(scores: torch.Tensor, alpha: float) -> Calibration:
     quantiles = torch.quantile(ordered, levels)
     return Calibration(threshold=float(ordered[k - 1]), alpha=alpha, n=n,
                        guaranteed_rate=(n + 1 - k) / (n + 1),
-                       quantiles=[[float(q), float(v)] for q, v in zip(levels, quantiles, strict=True)])
+                       quantiles=[[float(q), float(v)] for q, v in zip(levels, quantiles, strict=True)],
+                       pose_ranges=None if pose_ranges is None else dict(pose_ranges))
 
 
 def holdout_size(n_images: int, fraction: float = HOLDOUT_FRACTION, minimum: int = HOLDOUT_MINIMUM) -> int:

@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from ...data.images import as_float, describe, iter_batches, iter_image_batches, resize
 from ...devices import resolve_device
 from ...errors import InputError
+from ...ops.affine_sample import affine_sample
 from ...ops.mahalanobis import mahalanobis
 from ...stats import GaussianStats, PatchGaussian
 from ..backbones import BACKBONES, build_backbone
-from ..stn import STN, invert_theta
+from ..stn import STN, compose, invert_theta
+from ..stn.poses import posed_batches, sample_posed
 from . import validate
-from .anomaly_map import distance_to_map, out_of_view_fraction, to_input_frame
+from .anomaly_map import distance_to_map, out_of_view, to_input_frame
 from .calibration import Calibration, Decisions, conformal_calibration, decide
 from .export import export_onnx
 from .serialization import read_model_file, write_model_file
@@ -51,6 +53,10 @@ MAX_SIGMA = 64.0
 # activation and embedding memory whatever the loader's batch size (~5 MB per 256 px
 # resnet18 image). A GPU has the memory, and small passes would leave it waiting on launches.
 FIT_CHUNK = {"cpu": 4, "cuda": 32}
+# Images whose embeddings are stacked before one GaussianStats update: a 4-image update
+# runs its float64 outer products at a third of the speed of a 16-image one (CPU, P=1024,
+# C=100: 26 vs 8.6 ms per image); 16 embeddings of a 256 px resnet18 are ~80 MB.
+STATS_CHUNK = {"cpu": 16, "cuda": 32}
 
 
 class PaDiM:
@@ -138,25 +144,44 @@ class PaDiM:
                 "seed": self.seed, "eps": self.eps, "sigma": self.sigma,
                 "grid": list(self.grid) if self.grid else None,
                 "stn": None if self.stn is None else _stn_config(self.stn),
+                "stn_training": None if self.stn is None else getattr(self.stn, "record", None),
                 "calibration": None if self.calibration is None else self.calibration.to_config()}
 
     # ------------------------------------------------------------------ pre-processing
 
-    def _prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prepare(self, x: torch.Tensor, pose: torch.Tensor | None = None,
+                 view: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images [B, 3, H, W] (float in [0, 1] or uint8) -> (backbone input [B, 3,
         *input_size], theta back or None).
 
         theta back maps input-frame normalised coordinates to the backbone input's (the
-        inverse of STN alignment followed by the crop), for `to_input_frame`.
+        inverse of STN alignment followed by the crop), for `to_input_frame`. A known
+        `pose` [B, 2, 3] takes the STN's place; with a `view` [B, 2, 3] the input frame is
+        that of x seen in pose `view` (see predict_batch).
         """
         x = resize(as_float(x, self.device), self.image_size)
+        if view is not None:
+            view = view.to(x.device, x.dtype)
+            if pose is not None:  # the true pose of the seen image
+                pose = compose(invert_theta(view), pose.to(x.device, x.dtype))
+            elif self.stn is None:  # pose augmentation: the backbone sees the posed view
+                return self._crop_or_not(affine_sample(x, view, padding_mode="border"), None)
+            else:
+                pose = self.stn.predict_theta(affine_sample(x, view, padding_mode="border"))
+            padding = "border" if self.stn is None else self.stn.config["padding_mode"]
+            return self._crop_or_not(sample_posed(x, view, pose, padding), invert_theta(pose))
         theta = None
-        if self.stn is not None:
+        if pose is not None:
+            forward_theta = pose.to(x.device, x.dtype)
+            x = affine_sample(x, forward_theta, padding_mode="border")
+            theta = invert_theta(forward_theta)
+        elif self.stn is not None:
             x, forward_theta = self.stn(x)
             theta = invert_theta(forward_theta)
-        if self.center_crop is not None:
-            x, theta = self._crop(x, theta)
-        return x, theta
+        return self._crop_or_not(x, theta)
+
+    def _crop_or_not(self, x: torch.Tensor, theta: torch.Tensor | None):
+        return (x, theta) if self.center_crop is None else self._crop(x, theta)
 
     def _crop(self, x: torch.Tensor, theta: torch.Tensor | None):
         (height, width), (ch, cw) = self.image_size, self.center_crop
@@ -172,7 +197,8 @@ class PaDiM:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, images) -> "PaDiM":
+    def fit(self, images, pose_ranges: dict | None = None, n_views: int | None = None,
+            seed: int = 0, poses: dict | None = None) -> "PaDiM":
         """Fits the per-patch Gaussians on good images, streaming (no embeddings kept).
 
         With torch.distributed initialised, each process passes its own share of the images
@@ -183,6 +209,16 @@ class PaDiM:
             images: tensor [B, 3, H, W] (float in [0, 1] or uint8), paths, a folder, or a
                 DataLoader / iterable of such tensors (or tuples/dicts whose first/"image"
                 item is one).
+            pose_ranges: None, or {"rotation", "translation", "scale"} ranges: fit on the
+                images seen in random poses within them (stn.poses), `n_views` views.
+                Without an STN that is pose augmentation; behind an STN the Gaussians see
+                what it makes of parts in such poses (its residual errors and the corners
+                it turns out of view), each alignment read once from the original image.
+            n_views: views to fit on (cycling through the images, held in memory); None:
+                each image once.
+            seed: seeds the views.
+            poses: {path: theta [2, 3]} known true poses of the images (paths), used
+                instead of the STN (the STN experiments' oracle).
 
         Returns:
             self.
@@ -190,7 +226,11 @@ class PaDiM:
         grid = self.embedding.grid_size(*self.input_size)
         distributed = dist.is_available() and dist.is_initialized()
         stats = GaussianStats(grid[0] * grid[1], self.n_features, device=self.device)
-        self._accumulate(images, stats, allow_empty=distributed)
+        batches = None
+        if (pose_ranges, n_views, poses) != (None, None, None):
+            batches = posed_batches(images, pose_ranges, seed, self.batch_size, self.image_size,
+                                    n_views, poses, self.device)
+        self._accumulate(images, stats, allow_empty=distributed, batches=batches, total=n_views)
         if distributed:
             stats.all_reduce()
         if stats.count < 2:  # a covariance needs two samples
@@ -203,7 +243,8 @@ class PaDiM:
         self.calibration = None  # a threshold belongs to the Gaussians it was computed with
         return self
 
-    def calibrate(self, good_images, false_reject_rate: float = 0.01) -> "PaDiM":
+    def calibrate(self, good_images, false_reject_rate: float = 0.01, pose_ranges: dict | None = None,
+                  seed: int = 0, poses: dict | None = None) -> "PaDiM":
         """Sets the threshold from good images the model was not fitted on (conformal).
 
         The threshold is the ceil((n + 1)(1 - false_reject_rate))-th smallest score of the n
@@ -215,29 +256,57 @@ class PaDiM:
         Args:
             good_images: as for `fit`, defect-free and not used by `fit` (nor to train the STN).
             false_reject_rate: target rate of good images called anomalous, in (0, 1).
+            pose_ranges: None, or {"rotation", "translation", "scale"} ranges (an STN's
+                declared range, `stn.record["ranges"]`): every image is first turned into
+                a random pose within them (border padding). The guarantee then holds for
+                good parts whose poses are drawn from that range (exchangeable with the
+                posed calibration images), not for the images' own poses. Held-out
+                training images of a model whose test parts drift need this; real line
+                images in their real poses do not.
+            seed: seeds those poses.
+            poses: {path: theta} known true poses of the images, as for `fit`.
 
         Returns:
             self.
         """
-        scores, _ = self.predict(good_images)
-        self.calibration = conformal_calibration(scores, false_reject_rate)
+        if pose_ranges is None and poses is None:
+            scores, _ = self.predict(good_images)
+        else:
+            scores = torch.cat([self.predict_batch(x, pose=pose, view=view)[0].cpu() for x, view, pose in
+                                posed_batches(good_images, pose_ranges, seed, self.batch_size,
+                                              self.image_size, poses=poses, device=self.device)])
+        self.calibration = conformal_calibration(scores, false_reject_rate, pose_ranges)
         if self.calibration.note:
             warnings.warn(self.calibration.note, stacklevel=2)
         return self
 
     @torch.no_grad()
-    def _accumulate(self, images, stats: GaussianStats, allow_empty: bool) -> None:
+    def _accumulate(self, images, stats: GaussianStats, allow_empty: bool, batches=None,
+                    total: int | None = None) -> None:
         # A method of its own so that the last batch is freed before finalize (peak memory).
         # Images are resized as they load: a training folder may mix sizes.
-        with self._bar(images, "PaDiM fit") as bar:
-            for batch in iter_batches(images, self.batch_size, self.image_size, allow_empty,
-                                      device=self.device):
-                for part in self._prepare(batch)[0].split(FIT_CHUNK.get(self.device.type, 4)):
-                    try:
-                        stats.update(self.embedding(part))
-                    except InputError as exc:  # e.g. NaN features (CPU): name the input
-                        raise InputError(f"{describe(images)}: {exc}") from None
+        if batches is None:
+            batches = ((batch, None, None) for batch in iter_batches(
+                images, self.batch_size, self.image_size, allow_empty, device=self.device))
+        pending = []
+
+        def flush():
+            try:
+                stats.update(torch.cat(pending))
+            except InputError as exc:  # e.g. NaN features (CPU): name the input
+                raise InputError(f"{describe(images)}: {exc}") from None
+            pending.clear()
+
+        stack = STATS_CHUNK.get(self.device.type, 16)
+        with self._bar(images, "PaDiM fit", total) as bar:
+            for batch, view, pose in batches:
+                for part in self._prepare(batch, pose, view)[0].split(FIT_CHUNK.get(self.device.type, 4)):
+                    pending.append(self.embedding(part))
+                    if sum(e.shape[0] for e in pending) >= stack:
+                        flush()
                 bar.update(batch.shape[0])
+        if pending:
+            flush()
 
     # ------------------------------------------------------------------ predict
 
@@ -291,17 +360,25 @@ class PaDiM:
         return self._prepare(images)[0].cpu()
 
     @torch.no_grad()
-    def predict_batch(self, x: torch.Tensor, output_size: tuple[int, int] | None = None
+    def predict_batch(self, x: torch.Tensor, output_size: tuple[int, int] | None = None,
+                      pose: torch.Tensor | None = None, view: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch -> (scores [B], maps [B, *output_size]) on the model's device.
 
         Args:
             x: images [B, 3, H, W], float in [0, 1] or uint8 (0..255).
             output_size: (H, W) of the maps; default x's (H, W).
+            pose: optional known poses [B, 2, 3] (affine_grid matrices taking the canonical
+                frame into each image, as synth's meta.json records them), used instead of
+                the STN: images are aligned by them (border padding) and maps brought back.
+                The "oracle" of the STN experiments.
+            view: optional [B, 2, 3]: score x as seen in these poses (warp(x, view), border
+                padding), the maps in that seen frame; the alignment is read once from x
+                (stn.poses.sample_posed). What calibrate does with pose_ranges.
         """
         if self.gaussian is None:
             raise InputError("the model is not fitted: call fit(images) first (or load a saved model)")
-        inputs, theta = self._prepare(x)
+        inputs, theta = self._prepare(x, pose, view)
         emb = self.embedding(inputs)
         if tuple(emb.shape[-2:]) != self.grid:
             raise InputError(f"embedding grid {tuple(emb.shape[-2:])} differs from the fitted {self.grid}")
@@ -311,19 +388,24 @@ class PaDiM:
         return maps.flatten(1).amax(1), maps
 
     @torch.no_grad()
-    def out_of_view_fraction(self, x: torch.Tensor) -> torch.Tensor:
-        """Share of each image's pixels [B] (CPU) that the model did not see: corners the STN
-        turned out of the frame, the margin outside a centre crop. Their map values are
-        filled from the nearest seen pixels, so a defect there is found only if it reaches
-        into the view.
+    def out_of_view(self, x: torch.Tensor, pose: torch.Tensor | None = None) -> torch.Tensor:
+        """The pixels of each image [B, H, W] (bool, CPU) that the model did not see: corners
+        the STN turned out of the frame, the margin outside a centre crop. Their map values
+        are filled from the nearest seen pixels, so a defect there is found only if it
+        reaches into the view.
 
         Args:
             x: images [B, 3, H, W] in [0, 1].
+            pose: known poses, as for predict_batch.
         """
-        inputs, theta = self._prepare(x)
+        inputs, theta = self._prepare(x, pose)
         if theta is None:
-            return torch.zeros(x.shape[0])
-        return out_of_view_fraction(theta, tuple(inputs.shape[-2:]), tuple(x.shape[-2:])).cpu()
+            return torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool)
+        return out_of_view(theta, tuple(inputs.shape[-2:]), tuple(x.shape[-2:])).cpu()
+
+    def out_of_view_fraction(self, x: torch.Tensor, pose: torch.Tensor | None = None) -> torch.Tensor:
+        """Share of each image's pixels [B] (CPU) that the model did not see (`out_of_view`)."""
+        return self.out_of_view(x, pose).flatten(1).float().mean(1)
 
     # ------------------------------------------------------------------ save / load
 
@@ -348,10 +430,11 @@ class PaDiM:
         """
         return export_onnx(self, path, batch_size, input_dtype=input_dtype, factor=factor)
 
-    def _bar(self, images, desc: str):
-        total = images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else (
-            len(images) if isinstance(images, (list, tuple)) and all(
-                isinstance(p, (str, os.PathLike)) for p in images) else None)
+    def _bar(self, images, desc: str, total: int | None = None):
+        if total is None:
+            total = images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else (
+                len(images) if isinstance(images, (list, tuple)) and all(
+                    isinstance(p, (str, os.PathLike)) for p in images) else None)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         return tqdm(total=total, desc=desc, unit="img", disable=not self.progress or rank != 0)
 
@@ -389,13 +472,14 @@ def load(path: str | os.PathLike, device=None, **options) -> PaDiM:
         model.embedding.load_state_dict(groups["embedding."])
         if stn is not None:
             model.stn.load_state_dict(groups["stn."])
+            model.stn.record = config.get("stn_training")
         model.gaussian = PatchGaussian.from_state_dict(groups["gaussian."]).to(model.device)
         model.grid = grid
         # Files written before calibration existed have no entry: they load uncalibrated.
         if config.get("calibration") is not None:
             model.calibration = Calibration.from_config(config["calibration"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # InputError is a ValueError
-        first_line = (str(exc).splitlines() or [""])[0][:200]
+        first_line = (str(exc).splitlines() or [""])[0]
         kind = "" if isinstance(exc, InputError) else f"{type(exc).__name__}: "
         raise InputError(f"{path}: damaged stnpadim model file ({kind}{first_line})") from None
     return model

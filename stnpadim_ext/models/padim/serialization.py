@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,11 +61,13 @@ def read_model_file(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
     if not path.is_file():
         raise InputError(f"{path}: no such model file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles are not for our users
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, random bytes...
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        raise InputError(f"{path}: not a stnpadim model file (cannot be read: "
-                         f"{type(exc).__name__}: {first_line})") from None
+        # In our words: torch's own message advises weights_only=False, i.e. running
+        # whatever code a foreign file carries.
+        raise InputError(f"{path}: not a stnpadim model file ({_unreadable(path, exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"{path}: not a stnpadim model file (no '{FORMAT}' format tag)")
     version = payload.get("version")
@@ -79,3 +82,17 @@ def read_model_file(path: str | os.PathLike, map_location="cpu") -> tuple[dict, 
     if not isinstance(config, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise InputError(f"{path}: damaged stnpadim model file (bad config or tensors)")
     return config, tensors
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why torch.load could not read `path`, in one complete phrase."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's container
+    if is_zip and isinstance(exc, RuntimeError):
+        return f"a damaged or truncated torch file of {size} bytes"
+    if is_zip:  # readable container, but it holds objects other than plain tensors
+        return "a torch file holding Python objects other than tensors and plain values, which are not loaded"
+    return f"{size} bytes in no format torch.save writes"

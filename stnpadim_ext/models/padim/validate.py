@@ -16,14 +16,21 @@ from torch import nn
 
 from ...errors import InputError
 from ..stn.network import PADDING_MODES, TRANSFORMS
+from ..stn.poses import RANGE_KEYS
+from ..stn.train import OBJECTIVES
 
 CONFIG_KEYS = ("backbone", "n_features", "image_size", "center_crop", "seed", "eps", "sigma",
                "grid", "stn")
-# Absent from files written before calibration existed (checked by Calibration.from_config).
-OPTIONAL_CONFIG_KEYS = ("calibration",)
+# Absent from files written before calibration / the STN's record existed (calibration is
+# checked by Calibration.from_config).
+OPTIONAL_CONFIG_KEYS = ("calibration", "stn_training")
 # Bounds of the STN settings a model file may hold (defaults: 64, 16, 4 / 0.5, 0.5, 2.0).
 STN_INTEGERS = {"loc_size": (16, 512), "width": (4, 256), "pool_size": (1, 16)}
 STN_NUMBERS = {"max_translation": (0.0, 2.0), "max_log_scale": (0.0, 3.0), "highpass": (0.0, 16.0)}
+# Bounds of pose ranges (train_stn's rotation, translation, scale).
+POSE_RANGES = {"rotation": (0.0, 180.0), "translation": (0.0, 2.0), "scale": (1.0, 3.0)}
+STN_RECORD_KEYS = ("objective", "ranges", "augment_padding", "symmetry", "alignment", "retries",
+                   "accepted_weak")
 
 
 def check_config(config: dict) -> None:
@@ -37,6 +44,8 @@ def check_config(config: dict) -> None:
         raise InputError(f"config 'grid' must be two positive integers; got {grid!r}")
     if config["stn"] is not None:
         check_stn_config(config["stn"])
+    if config.get("stn_training") is not None:
+        check_stn_record(config["stn_training"])
 
 
 def check_stn_config(stn: dict) -> None:
@@ -53,9 +62,35 @@ def check_stn_config(stn: dict) -> None:
             raise InputError(f"config 'stn.{key}' must be an integer in {low}..{high}; got {stn[key]!r}")
     for key, (low, high) in STN_NUMBERS.items():
         value = stn[key]
-        if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                and math.isfinite(value) and low <= value <= high):
+        if not (_is_number(value) and low <= value <= high):
             raise InputError(f"config 'stn.{key}' must be a number in [{low}, {high}]; got {value!r}")
+
+
+def check_pose_ranges(ranges, name: str) -> None:
+    """{"rotation", "translation", "scale"}: numbers within POSE_RANGES."""
+    if not isinstance(ranges, dict) or set(ranges) != set(RANGE_KEYS):
+        raise InputError(f"config '{name}' must hold {list(RANGE_KEYS)}; got {ranges!r}")
+    for key, (low, high) in POSE_RANGES.items():
+        if not (_is_number(ranges[key]) and low <= ranges[key] <= high):
+            raise InputError(f"config '{name}.{key}' must be a number in [{low}, {high}]; "
+                             f"got {ranges[key]!r}")
+
+
+def check_stn_record(record) -> None:
+    """What train_stn recorded about the STN (stn.record): its keys and their types."""
+    if not isinstance(record, dict) or set(record) != set(STN_RECORD_KEYS):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise InputError(f"config 'stn_training' must hold {sorted(STN_RECORD_KEYS)}; got {found}")
+    check_pose_ranges(record["ranges"], "stn_training.ranges")
+    alignment = record["alignment"]
+    ok = (record["objective"] in OBJECTIVES and record["augment_padding"] in PADDING_MODES
+          and _is_int(record["symmetry"]) and record["symmetry"] >= 1
+          and _is_int(record["retries"]) and record["retries"] >= 0
+          and isinstance(record["accepted_weak"], bool) and isinstance(alignment, dict)
+          and all(_is_number(v) or (isinstance(v, list) and all(_is_int(i) for i in v))
+                  for v in alignment.values()))
+    if not ok:
+        raise InputError("config 'stn_training' holds a value of the wrong type or range")
 
 
 def check_tensors(groups: dict[str, dict], expected: dict[str, dict]) -> None:
@@ -101,6 +136,10 @@ def gaussian_shapes(num_patches: int, dim: int) -> dict[str, torch.Tensor]:
 
 def module_shapes(module: nn.Module | None) -> dict[str, torch.Tensor]:
     return {} if module is None else dict(module.state_dict())
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_int(value) -> bool:

@@ -1,5 +1,5 @@
 """Self-supervised Spatial Transformer Network that puts each part in one canonical pose."""
-from .network import STN, FixedWarp
+from .network import STN
 from .train import DEFAULT_RANGES, measure_alignment, train_stn
 from .transforms import (
                          affine_theta,
@@ -7,12 +7,11 @@ from .transforms import (
                          compose,
                          identity_theta,
                          invert_theta,
-                         mean_pose,
                          random_similarity,
                          similarity_theta,
                          theta_pose,
 )
 
-__all__ = ["STN", "FixedWarp", "train_stn", "measure_alignment", "invert_theta", "compose",
+__all__ = ["STN", "train_stn", "measure_alignment", "invert_theta", "compose",
            "similarity_theta", "affine_theta", "identity_theta", "random_similarity", "theta_pose",
-           "mean_pose", "centring_theta", "DEFAULT_RANGES"]
+           "centring_theta", "DEFAULT_RANGES"]

@@ -46,10 +46,19 @@ def photometric_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return l1 + alpha * l2 + beta * (1 - score.mean()), score
 
 
-def pose_loss(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def pose_loss(first: torch.Tensor, second: torch.Tensor, turns: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared difference of two thetas [B, 2, 3] (0 when the maps are equal).
 
     On the rotation part this is 4 (1 - cos(angle difference)) per image: smooth and free
-    of angle wrap-around, so it works for any rotation.
+    of angle wrap-around, so it works for any rotation. With `turns` [K, 2, 3] (the
+    rotations that map a symmetric part onto itself, identity included) each image's
+    difference is the smallest over first composed with any of them: a half-turned
+    target is as right as the target itself for a 2-fold symmetric part, and averaging
+    the two (what the plain loss would teach) is wrong for both.
     """
-    return (to_homogeneous(first) - to_homogeneous(second)).square().sum((1, 2)).mean()
+    if turns is None:
+        return (to_homogeneous(first) - to_homogeneous(second)).square().sum((1, 2)).mean()
+    b, k = first.shape[0], turns.shape[0]
+    turned = to_homogeneous(first).repeat_interleave(k, 0) @ to_homogeneous(turns.repeat(b, 1, 1))
+    target = to_homogeneous(second).repeat_interleave(k, 0)
+    return (turned - target).square().sum((1, 2)).view(b, k).amin(1).mean()

@@ -85,11 +85,28 @@ class STN(nn.Module):
             self.features = nn.Sequential(*layers)
             self.fc = nn.Sequential(nn.Linear(channels[-1] * pool_size ** 2, 64), nn.ReLU())
             self.head = nn.Linear(64, 5 if transform == "similarity" else 7)
+        self.register_buffer("centring", identity_theta(1))
+        self._start_at_identity()
+        # What train_stn measured and declared (objective, pose ranges, held-out alignment,
+        # retries); saved with a PaDiM model. None until trained.
+        self.record: dict | None = None
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Draws new initial weights (as STN(seed=seed) would) and forgets the training:
+        identity head, identity centring, no record. train_stn uses it to retry."""
+        with _seeded(seed):
+            for module in self.modules():  # construction order: the same draws as __init__
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        self.centring.copy_(identity_theta(1))
+        self._start_at_identity()
+        self.record = None
+
+    def _start_at_identity(self) -> None:
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():  # identity: (cos, sin) = (1, 0), everything else 0
             self.head.bias.zero_()
             self.head.bias[0] = 1.0
-        self.register_buffer("centring", identity_theta(1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Model files written before the centring buffer existed: no centring (identity).
@@ -139,31 +156,6 @@ class STN(nn.Module):
         """Aligns x [B, 3, H, W] -> (aligned [B, 3, H, W], theta [B, 2, 3])."""
         theta = self.predict_theta(x)
         return self.warp(x, theta), theta
-
-
-class FixedWarp(nn.Module):
-    """One constant transform in place of an STN: the "fixed warp" control.
-
-    PaDiM behind FixedWarp(mean pose of a trained STN) gets the STN's padding and
-    resampling and its average zoom / shift, but no per-image alignment; comparing with it
-    tells alignment apart from what a constant resampling does to the scores.
-
-    Args:
-        theta: [1, 2, 3] (or [2, 3]) affine_grid matrix applied to every image.
-        padding_mode: affine_sample padding, as the STN's.
-    """
-
-    def __init__(self, theta: torch.Tensor, padding_mode: str = "reflection"):
-        super().__init__()
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}; got {padding_mode!r}")
-        self.padding_mode = padding_mode
-        self.register_buffer("theta", theta.detach().float().reshape(1, 2, 3).clone())
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, 3, H, W] -> (warped [B, 3, H, W], theta [B, 2, 3])."""
-        theta = self.theta.to(x.dtype).expand(x.shape[0], 2, 3)
-        return affine_sample(x, theta, padding_mode=self.padding_mode), theta
 
 
 @contextlib.contextmanager

@@ -136,7 +136,7 @@ def centring_theta(theta: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
     """C [1, 2, 3] such that compose(theta, C) over theta [N, 2, 3] is centred on the identity:
     circular-mean rotation 0, mean log-scale 0, least-squares translation 0.
 
-    The inverse of C is the set's mean pose (see mean_pose). Computed in float64.
+    The inverse of C is the set's mean pose. Computed in float64.
     """
     theta = theta.detach().double()
     pose = theta_pose(theta, aspect)
@@ -148,12 +148,6 @@ def centring_theta(theta: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
     # R^-1 S^-1 first (about the output centre), then the shift that centres the result.
     shift = least_squares_shift(compose(theta, linear.expand(theta.shape[0], 2, 3)))
     return compose(linear, similarity_theta(zero, shift[None], zero, aspect)).float()
-
-
-def mean_pose(theta: torch.Tensor, aspect: float = 1.0) -> torch.Tensor:
-    """The mean pose [1, 2, 3] of theta [N, 2, 3] (circular-mean rotation, mean log-scale,
-    least-squares translation): the one constant warp that stands for all of them."""
-    return invert_theta(centring_theta(theta, aspect))
 
 
 def theta_pose(theta: torch.Tensor, aspect: float = 1.0) -> dict[str, torch.Tensor]:
