@@ -249,6 +249,8 @@ def test_score_report(data, model_file, tmp_path, capsys):
                  "--report", str(report)]) == 0
     html = (report / "index.html").read_text()
     assert "normalized" in html and "threshold" in html
+    # Sections are named by what was scored, the model by its label and file.
+    assert "<td>good, hole</td><td>PaDiM (fabric.padim)</td>" in html
     assert_images_resolve(report)
 
 
@@ -618,14 +620,37 @@ def test_score_bad_image_in_folder_writes_nothing(data, model_file, tmp_path, ca
     assert leftovers(out) == []
 
 
-def test_score_non_image_file_in_folder(data, model_file, tmp_path, capsys):
+def test_score_skips_non_image_files_in_folders_with_one_note(data, model_file, tmp_path, capsys):
     folder = tmp_path / "images"
     shutil.copytree(data / "fabric" / "test" / "good", folder)
-    stray = folder / "labels.csv"
-    stray.write_text("a,b\n")
+    (folder / "labels.csv").write_text("a,b\n")
+    (folder / "notes.txt").write_text("mine")
     out = tmp_path / "out"
-    assert_user_error(capsys, ["score", "--model", model_file, folder, "--out", out], stray)
-    assert leftovers(out) == []
+    assert main(["score", "--model", str(model_file), str(folder), "--out", str(out)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert notes == [f"stnpadim: note: skipped 2 file(s) that are not images (e.g. {folder / 'labels.csv'})"]
+    with open(out / "scores.csv", newline="") as f:
+        assert [Path(r["image"]) for r in csv.DictReader(f)] == sorted(folder.glob("*.png"))
+    # Named on the command line, a non-image file is still an error.
+    assert_user_error(capsys, ["score", "--model", model_file, folder / "notes.txt", "--out",
+                               tmp_path / "out2"], folder / "notes.txt")
+
+
+def test_score_walks_a_folder_tree(data, model_file, tmp_path, capsys):
+    """An MVTec test/ folder scores as one input; heatmap names keep the sub-folder."""
+    test = data / "fabric" / "test"
+    out = tmp_path / "out"
+    assert main(["score", "--model", str(model_file), str(test), "--out", str(out)]) == 0
+    expected = [p for sub in sorted(test.iterdir()) for p in sorted(sub.glob("*.png"))]
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["image"]) for r in rows] == expected and len({r["heatmap"] for r in rows}) == len(rows)
+    assert rows[0]["heatmap"] == f"{expected[0].parent.name}_{expected[0].stem}_heatmap.png"
+    empty = tmp_path / "empty" / "sub"
+    empty.mkdir(parents=True)
+    (empty / "readme.txt").write_text("x")
+    assert "no images in this folder or below" in assert_user_error(
+        capsys, ["score", "--model", model_file, empty.parent, "--out", tmp_path / "o"], empty.parent)
 
 
 def test_score_missing_image(model_file, tmp_path, capsys):
