@@ -21,13 +21,14 @@ from ..report import HEATMAP_MAX_SIDE, heat_range, heatmap_overlay, staged_folde
 from ..report_html import HtmlReport
 from .experiment import ModelOptions
 from .outputs import check_outputs, check_writable_folder
+from .commands import COMMANDS
 from .parser import add_force_option, add_run_options, positive_float
 from .reporting import aligned_views
 
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "score", parents=[common], help="score images with a saved model",
+        "score", parents=[common], help=COMMANDS["score"],
         description="Scores images (files, or every image in the given folders and their "
                     "sub-folders; other files there are skipped with a note) and writes "
                     "one heatmap overlay PNG per image (longest side at most "
