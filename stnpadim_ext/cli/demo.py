@@ -26,9 +26,9 @@ from ..report import (
     write_text,
 )
 from ..report_html import HtmlReport
+from .commands import COMMANDS
 from .experiment import ModelOptions, Predictions, run_arms
 from .outputs import check_outputs, check_writable_folder
-from .commands import COMMANDS
 from .parser import add_force_option, at_least
 from .reporting import add_predictions, false_reject_warning, results_document
 

@@ -19,9 +19,9 @@ from ..errors import InputError
 from ..models.padim import load
 from ..report import DECISION_METRICS, markdown_table, summarize, summarize_runs, write_json, write_text
 from ..report_html import HtmlReport
+from .commands import COMMANDS
 from .experiment import ModelOptions, run_arms, run_category
 from .outputs import category_inputs, check_outputs, check_writable_folder
-from .commands import COMMANDS
 from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options, at_least
 from .reporting import add_predictions, false_reject_warning, results_document
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from ..models.padim import load
 from ..models.padim.export import DECISION_OUTPUTS, FACTOR_STORAGE, INPUT_DTYPES, OUTPUTS
-from .outputs import check_outputs
 from .commands import COMMANDS
+from .outputs import check_outputs
 from .parser import add_force_option, at_least
 
 

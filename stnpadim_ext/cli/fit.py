@@ -5,9 +5,9 @@ from pathlib import Path
 
 from ..data.images import list_images
 from ..data.mvtec import load_category
+from .commands import COMMANDS
 from .experiment import ModelOptions, fit_model
 from .outputs import category_inputs, check_outputs
-from .commands import COMMANDS
 from .parser import add_force_option, add_model_options, add_run_options
 
 

@@ -19,9 +19,9 @@ from ..errors import InputError
 from ..models.padim import load
 from ..report import HEATMAP_MAX_SIDE, heat_range, heatmap_overlay, staged_folder, write_image, write_scores_csv
 from ..report_html import HtmlReport
+from .commands import COMMANDS
 from .experiment import ModelOptions
 from .outputs import check_outputs, check_writable_folder
-from .commands import COMMANDS
 from .parser import add_force_option, add_run_options, positive_float
 from .reporting import aligned_views
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import inspect
 
 from ..data.synth import CATEGORIES, MAX_IMAGE_SIZE, POSE_MODES, make_dataset
-from .outputs import check_writable_folder
 from .commands import COMMANDS
+from .outputs import check_writable_folder
 from .parser import at_least
 
 # Defaults shown in --help are the generator's own, so the two cannot drift apart.
