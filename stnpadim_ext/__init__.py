@@ -6,15 +6,36 @@
     scores, maps = model.predict(test_images)
     result = model.decide(test_images)       # .anomalous, .normalized_scores, .masks
 """
-from ._backend import backend_info
-from .api import Decisions, load, score
-from .errors import InputError, WeakSTNError
-from .models.padim import PaDiM
-from .models.stn import STN, train_stn
-from .ops.affine_sample import affine_sample
-from .ops.mahalanobis import mahalanobis
-from .stats import GaussianStats, PatchGaussian
+import importlib
 
-__all__ = ["backend_info", "affine_sample", "mahalanobis", "GaussianStats", "PatchGaussian",
-           "PaDiM", "STN", "train_stn", "load", "score", "Decisions", "InputError", "WeakSTNError"]
+# Names load on first use (PEP 562), so that `stnpadim --help` and argument errors answer
+# without importing torch; `import stnpadim_ext` alone costs nothing.
+_EXPORTS = {
+    "backend_info": "._backend",
+    "affine_sample": ".ops.affine_sample",
+    "mahalanobis": ".ops.mahalanobis",
+    "GaussianStats": ".stats",
+    "PatchGaussian": ".stats",
+    "PaDiM": ".models.padim",
+    "STN": ".models.stn",
+    "train_stn": ".models.stn",
+    "load": ".api",
+    "score": ".api",
+    "Decisions": ".api",
+    "InputError": ".errors",
+    "WeakSTNError": ".errors",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'stnpadim_ext' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -4,8 +4,10 @@
 dispatch to their pure-PyTorch references and `backend_info()` says why.
 """
 import functools
+import importlib.metadata
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -22,10 +24,33 @@ def _load():
     except Exception as exc:  # ImportError, OSError (bad .so), undefined symbols...
         first_line = (str(exc).splitlines() or [""])[0]
         _fallback_reason = f"stnpadim_ext._C failed to load: {type(exc).__name__}: {first_line}"
+        installed = _shadowed_install()
+        if installed is not None:
+            _fallback_reason = (f"stnpadim_ext was imported from the source checkout "
+                                f"{Path(__file__).parent}, which has no compiled kernels, instead of "
+                                f"the installed package in {installed}: run from outside the "
+                                "checkout, or install with `pip install --no-build-isolation -e .`")
         warnings.warn(f"{_fallback_reason}; using the pure-PyTorch reference ops (slower)",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def _shadowed_install() -> Path | None:
+    """The installed (non-editable) package's folder when this import comes from a source
+    checkout instead (Python puts the working directory first on sys.path); else None."""
+    here = Path(__file__).resolve().parent
+    if not (here.parent / "setup.py").is_file():
+        return None
+    try:
+        files = importlib.metadata.distribution("stnpadim").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:  # an editable install lists no package files: never shadowed
+        if file.parts == ("stnpadim_ext", "__init__.py"):
+            installed = Path(file.locate()).resolve().parent
+            return installed if installed != here else None
+    return None
 
 
 HAS_EXT = _load()

@@ -241,7 +241,7 @@ class HtmlReport:
         for s in self.sections:
             cells = "".join(_summary_cell(s.summary, k) for k in present)
             rows.append(f"<tr><td>{_e(s.category)}</td><td>{_e(s.label)}</td>{cells}</tr>")
-        return (f'<table class="summary"><tr><th>category</th><th>model</th>{head}</tr>'
+        return (f'<table class="summary"><tr><th>category / images</th><th>model</th>{head}</tr>'
                 + "".join(rows) + "</table>")
 
     def _gallery(self, s: _Section, open_: bool) -> str:

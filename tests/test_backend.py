@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -109,3 +110,28 @@ def test_dispatch_follows_device_and_env():
     x = torch.rand(1, 1, 2, 2)
     assert _backend.use_extension("affine_sample", x) == (sp.backend_info()["extension"])
     assert not _backend.use_extension("affine_sample")
+
+
+def test_source_checkout_shadowing_an_installed_package_says_so(tmp_path):
+    """`python` run inside a clone imports ./stnpadim_ext (no kernels) before a non-editable
+    install: the fallback reason names both places and what to do."""
+    checkout, site = tmp_path / "checkout", tmp_path / "site"
+    for root in (checkout, site):
+        shutil.copytree(PKG_DIR, root / "stnpadim_ext",
+                        ignore=shutil.ignore_patterns("__pycache__", *([] if root == site else ["_C*.so"])))
+    (checkout / "setup.py").write_text("# the checkout's build script\n")
+    record = site / "stnpadim-0.1.0.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: stnpadim\nVersion: 0.1.0\n")
+    (record / "RECORD").write_text("stnpadim_ext/__init__.py,,\nstnpadim-0.1.0.dist-info/METADATA,,\n")
+    env = {k: v for k, v in os.environ.items() if k != "STNPADIM_NO_EXT"}
+    # -S: no .pth files, so an editable install of this checkout (the test venv's) cannot
+    # hand the missing _C over from elsewhere; torch comes from site-packages by path.
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(site), sysconfig.get_paths()["purelib"],
+                                         sysconfig.get_paths()["platlib"]])
+    out = subprocess.run([sys.executable, "-S", "-c", OPS_SMOKE], env=env, capture_output=True,
+                         text=True, cwd=checkout, timeout=300)
+    assert out.returncode == 0, out.stderr
+    reason = json.loads(out.stdout.strip().splitlines()[-1])["info"]["fallback_reason"]
+    assert f"source checkout {checkout / 'stnpadim_ext'}" in reason, reason
+    assert str(site / "stnpadim_ext") in reason and "pip install --no-build-isolation -e ." in reason

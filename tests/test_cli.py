@@ -107,8 +107,19 @@ def test_module_entry_point_help():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["bogus"]])
+def test_help_version_and_unknown_commands_answer_without_torch(argv):
+    """They must answer at once (torch takes seconds to import): nothing imports it."""
+    code = ("import sys\nfrom stnpadim_ext.cli import main\ncode = main(sys.argv[1:])\n"
+            "print('torch' in sys.modules, 'numpy' in sys.modules, code)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.splitlines()[-1] == f"False False {2 if argv in ([], ['bogus']) else 0}", result
+    assert "Traceback" not in result.stderr
+
+
 def test_help_of_every_command_prints_percent_signs_once(capsys):
-    from stnpadim_ext.cli.parser import COMMANDS
+    from stnpadim_ext.cli.commands import COMMANDS
 
     for command in COMMANDS:
         assert main([command, "--help"]) == 0
@@ -249,6 +260,8 @@ def test_score_report(data, model_file, tmp_path, capsys):
                  "--report", str(report)]) == 0
     html = (report / "index.html").read_text()
     assert "normalized" in html and "threshold" in html
+    # Sections are named by what was scored, the model by its label and file.
+    assert "<td>good, hole</td><td>PaDiM (fabric.padim)</td>" in html
     assert_images_resolve(report)
 
 
@@ -618,14 +631,37 @@ def test_score_bad_image_in_folder_writes_nothing(data, model_file, tmp_path, ca
     assert leftovers(out) == []
 
 
-def test_score_non_image_file_in_folder(data, model_file, tmp_path, capsys):
+def test_score_skips_non_image_files_in_folders_with_one_note(data, model_file, tmp_path, capsys):
     folder = tmp_path / "images"
     shutil.copytree(data / "fabric" / "test" / "good", folder)
-    stray = folder / "labels.csv"
-    stray.write_text("a,b\n")
+    (folder / "labels.csv").write_text("a,b\n")
+    (folder / "notes.txt").write_text("mine")
     out = tmp_path / "out"
-    assert_user_error(capsys, ["score", "--model", model_file, folder, "--out", out], stray)
-    assert leftovers(out) == []
+    assert main(["score", "--model", str(model_file), str(folder), "--out", str(out)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert notes == [f"stnpadim: note: skipped 2 file(s) that are not images (e.g. {folder / 'labels.csv'})"]
+    with open(out / "scores.csv", newline="") as f:
+        assert [Path(r["image"]) for r in csv.DictReader(f)] == sorted(folder.glob("*.png"))
+    # Named on the command line, a non-image file is still an error.
+    assert_user_error(capsys, ["score", "--model", model_file, folder / "notes.txt", "--out",
+                               tmp_path / "out2"], folder / "notes.txt")
+
+
+def test_score_walks_a_folder_tree(data, model_file, tmp_path, capsys):
+    """An MVTec test/ folder scores as one input; heatmap names keep the sub-folder."""
+    test = data / "fabric" / "test"
+    out = tmp_path / "out"
+    assert main(["score", "--model", str(model_file), str(test), "--out", str(out)]) == 0
+    expected = [p for sub in sorted(test.iterdir()) for p in sorted(sub.glob("*.png"))]
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["image"]) for r in rows] == expected and len({r["heatmap"] for r in rows}) == len(rows)
+    assert rows[0]["heatmap"] == f"{expected[0].parent.name}_{expected[0].stem}_heatmap.png"
+    empty = tmp_path / "empty" / "sub"
+    empty.mkdir(parents=True)
+    (empty / "readme.txt").write_text("x")
+    assert "no images in this folder or below" in assert_user_error(
+        capsys, ["score", "--model", model_file, empty.parent, "--out", tmp_path / "o"], empty.parent)
 
 
 def test_score_missing_image(model_file, tmp_path, capsys):
@@ -725,7 +761,9 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
         assert f"| {name} |" in table
     for arm in ("PaDiM", "PaDiM+aug", "STN+PaDiM", "oracle"):
         assert f"image AUROC {arm} |" in table and f"false-reject rate {arm} |" in table
-    assert "demo: writing the synthetic data set" in printed.splitlines()[0]
+    # Its first word comes before torch loads, the next as the data is written.
+    assert printed.splitlines()[:2] == ["demo: loading PyTorch ...", printed.splitlines()[1]]
+    assert "demo: writing the synthetic data set" in printed.splitlines()[1]
     results = json.loads((out / "results.json").read_text())
     for arm in ("baseline", "augmented", "oracle"):
         assert set(results[arm]["categories"]) == set(demo.DEMO_CATEGORIES)

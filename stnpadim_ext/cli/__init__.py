@@ -19,6 +19,7 @@ import threading
 import warnings
 
 from ..errors import InputError
+from .commands import COMMANDS, command_parser, requested_command
 
 __all__ = ["main"]
 
@@ -30,12 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: arguments without the program name (default: sys.argv[1:]).
     """
-    from .parser import COMMANDS, build_parser
-
+    argv = sys.argv[1:] if argv is None else argv
     _tolerate_odd_names(sys.stdout)
     previous = _on_sigterm(_terminate)
     try:
-        parser = build_parser()
+        command = requested_command(argv)
+        if command is None:  # help, version or no/unknown command: no torch needed
+            parser = command_parser()
+        else:
+            if command == "demo":  # its first output would wait for torch and the models
+                print("demo: loading PyTorch ...", flush=True)
+            from .parser import build_parser
+
+            parser = build_parser()
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, --version

@@ -26,6 +26,7 @@ from ..report import (
     write_text,
 )
 from ..report_html import HtmlReport
+from .commands import COMMANDS
 from .experiment import ModelOptions, Predictions, run_arms
 from .outputs import check_outputs, check_writable_folder
 from .parser import add_force_option, at_least
@@ -56,7 +57,7 @@ CAPTION_HEIGHT = 14  # px of the label strip above each panel
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "demo", parents=[common], help="run the whole pipeline on a small synthetic set",
+        "demo", parents=[common], help=COMMANDS["demo"],
         description="Writes a small synthetic data set (a texture, an aligned part, a part "
                     "whose test images drift in pose, a part in random poses), fits PaDiM, "
                     "PaDiM on pose-augmented images, STN+PaDiM and the oracle (aligned by the "

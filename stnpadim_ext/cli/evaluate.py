@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..models.padim import load
 from ..report import DECISION_METRICS, markdown_table, summarize, summarize_runs, write_json, write_text
 from ..report_html import HtmlReport
+from .commands import COMMANDS
 from .experiment import ModelOptions, run_arms, run_category
 from .outputs import category_inputs, check_outputs, check_writable_folder
 from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options, at_least
@@ -27,7 +28,7 @@ from .reporting import add_predictions, false_reject_warning, results_document
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "eval", parents=[common], help="evaluate on MVTec-format test sets",
+        "eval", parents=[common], help=COMMANDS["eval"],
         description="Fits and calibrates a model per category (or takes --model) and reports "
                     "image AUROC, pixel AUROC, AUPRO and image F1, then the false-reject rate, "
                     "miss rate, precision, recall and F1 at the calibrated threshold, as "

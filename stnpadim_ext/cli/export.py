@@ -5,13 +5,14 @@ from pathlib import Path
 
 from ..models.padim import load
 from ..models.padim.export import DECISION_OUTPUTS, FACTOR_STORAGE, INPUT_DTYPES, OUTPUTS
+from .commands import COMMANDS
 from .outputs import check_outputs
 from .parser import add_force_option, at_least
 
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "export", parents=[common], help="export a saved model to ONNX",
+        "export", parents=[common], help=COMMANDS["export"],
         description="Writes MODEL as an ONNX graph: input images [B, 3, H, W] (H, W = the "
                     "model's image size), outputs scores [B] and maps [B, H, W] equal to "
                     "`score`'s, plus normalized_scores, anomalous and masks for a calibrated model. "

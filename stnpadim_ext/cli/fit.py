@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..data.images import list_images
 from ..data.mvtec import load_category
+from .commands import COMMANDS
 from .experiment import ModelOptions, fit_model
 from .outputs import category_inputs, check_outputs
 from .parser import add_force_option, add_model_options, add_run_options
@@ -12,7 +13,7 @@ from .parser import add_force_option, add_model_options, add_run_options
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "fit", parents=[common], help="fit a model on good images and save it",
+        "fit", parents=[common], help=COMMANDS["fit"],
         description="Fits PaDiM (behind a self-supervised STN unless --stn none) on "
                     "ROOT/CATEGORY/train/good and writes the model file. The anomaly threshold "
                     "is calibrated on --calibration DIR, else on ROOT/CATEGORY/calibration/good "

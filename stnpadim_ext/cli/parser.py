@@ -11,27 +11,15 @@ from ..devices import resolve_device
 from ..errors import InputError
 from ..models.backbones import BACKBONES
 from ..models.padim import MAX_IMAGE_SIZE
+from .commands import Parser, top_parser
 from .experiment import ModelOptions
 
 STN_CHOICES = ("reconstruct", "canonical", "none")
-COMMANDS = ("demo", "fit", "score", "eval", "synth", "export", "serve")
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors raise InputError instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise InputError(message)
-
-
 def build_parser() -> Parser:
     """The `stnpadim` parser with one subparser per command (each sets `run`)."""
     from . import demo, evaluate, export, fit, score, serve, synth  # the commands register themselves
 
-    parser = Parser(prog="stnpadim", description="PaDiM anomaly detection with a "
-                    "self-supervised Spatial Transformer (STN).")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    parser, commands = top_parser()
     common = common_options()
     for module in (demo, fit, score, evaluate, synth, export, serve):
         module.register(commands, common)
@@ -150,9 +138,3 @@ def device(text: str) -> str:
         return str(resolve_device(text, name="--device"))
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--device: ")) from None
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -7,6 +7,7 @@ so the same colour means the same normalized score in every run.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ..errors import InputError
 from ..models.padim import load
 from ..report import HEATMAP_MAX_SIDE, heat_range, heatmap_overlay, staged_folder, write_image, write_scores_csv
 from ..report_html import HtmlReport
+from .commands import COMMANDS
 from .experiment import ModelOptions
 from .outputs import check_outputs, check_writable_folder
 from .parser import add_force_option, add_run_options, positive_float
@@ -26,8 +28,9 @@ from .reporting import aligned_views
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "score", parents=[common], help="score images with a saved model",
-        description="Scores images (files, or every image in the given folders) and writes "
+        "score", parents=[common], help=COMMANDS["score"],
+        description="Scores images (files, or every image in the given folders and their "
+                    "sub-folders; other files there are skipped with a note) and writes "
                     "one heatmap overlay PNG per image (longest side at most "
                     f"{HEATMAP_MAX_SIDE} px) and scores.csv (image, score, normalized_score, "
                     "anomalous, heatmap) to --out. normalized_score is score / the model's "
@@ -105,12 +108,19 @@ def run(args) -> int:
           + (f" and {len(paths)} masks" if args.masks else ""))
     if args.report is not None:
         report = HtmlReport(args.report, "stnpadim score")
-        label = "PaDiM" if model.stn is None else "STN+PaDiM"
-        report.add(Path(args.model).stem, label, paths, scores, maps, threshold,
+        # The model file does not know its category: the section is named by the inputs.
+        label = f"{'PaDiM' if model.stn is None else 'STN+PaDiM'} ({Path(args.model).name})"
+        report.add(image_set_name(args.inputs), label, paths, scores, maps, threshold,
                    aligned=aligned_views(model, paths),
                    calibration=None if model.calibration is None else model.calibration.to_config())
         print(f"wrote {report.write()}")
     return 0
+
+
+def image_set_name(inputs: list[str], shown: int = 3) -> str:
+    """The report's name for what was scored: the inputs' names, the first few."""
+    names = [Path(name).name or str(name) for name in inputs]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def mask_name(heatmap: str) -> str:
@@ -119,34 +129,47 @@ def mask_name(heatmap: str) -> str:
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
-    """Image files named on the command line, and those directly inside named folders.
+    """Image files named on the command line, and those anywhere below named folders (sorted
+    folder by folder, so MVTec's test/<defect>/ works as one input).
 
-    Hidden files and OS clutter are skipped, sub-folders too; any other non-image file is
-    an InputError naming it, as is an input that does not exist or a folder without images.
+    In folders, hidden files and folders and OS clutter are skipped, and so are files
+    without an image suffix (one note on stderr counts them); a named file without one, an
+    input that does not exist, or a folder tree without images is an InputError. A file
+    with an image suffix that does not decode stays an error when it is read.
     """
     paths: list[Path] = []
+    skipped: list[Path] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
             found = []
-            for child in sorted(path.iterdir()):
-                if child.name.startswith(".") or child.name in OS_CLUTTER or child.is_dir():
-                    continue
-                found.append(_check_suffix(child))
+            for child in _walk(path):
+                (found if child.suffix.lower() in IMAGE_SUFFIXES else skipped).append(child)
             if not found:
-                raise InputError(f"{path}: no images in this folder")
+                raise InputError(f"{path}: no images in this folder or below it (looked for "
+                                 f"{', '.join(IMAGE_SUFFIXES)})")
             paths += found
         elif path.exists():
-            paths.append(_check_suffix(path))
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise InputError(f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            paths.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
+    if skipped:
+        print(f"stnpadim: note: skipped {len(skipped)} file(s) that are not images "
+              f"(e.g. {skipped[0]})", file=sys.stderr)
     return list(dict.fromkeys(paths))
 
 
-def _check_suffix(path: Path) -> Path:
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise InputError(f"{path}: not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
-    return path
+def _walk(folder: Path) -> list[Path]:
+    """Files below `folder`, each folder's files sorted before its sorted sub-folders; no
+    hidden entries, no OS clutter, no symlinked folders (no loops)."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in sorted(names)
+                  if not n.startswith(".") and n not in OS_CLUTTER and (Path(root) / n).is_file()]
+    return files
 
 
 def heatmap_names(paths: list[Path]) -> list[str]:

@@ -9,6 +9,7 @@ import argparse
 import importlib
 
 from ..errors import InputError
+from .commands import COMMANDS
 from .parser import at_least, device, positive_float
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
@@ -18,7 +19,7 @@ MAX_WAIT_MS = 60_000.0
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "serve", parents=[common], help="serve a saved model over HTTP (dynamic batching)",
+        "serve", parents=[common], help=COMMANDS["serve"],
         description="Loads MODEL once and answers POST /v1/score (body: an image file's bytes) "
                     "with the score, normalized score and decision as `stnpadim score` computes "
                     "them; ?heatmap=1 / ?mask=1 add the heatmap overlay / mask as base64 PNGs. "

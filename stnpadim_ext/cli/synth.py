@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 
 from ..data.synth import CATEGORIES, MAX_IMAGE_SIZE, POSE_MODES, make_dataset
+from .commands import COMMANDS
 from .outputs import check_writable_folder
 from .parser import at_least
 
@@ -19,7 +20,7 @@ _SIZES = {"image_size": ((32, MAX_IMAGE_SIZE), "PX", "square image side"),
 
 def register(commands, common) -> None:
     parser = commands.add_parser(
-        "synth", parents=[common], help="write an MVTec-format synthetic data set",
+        "synth", parents=[common], help=COMMANDS["synth"],
         description="Writes procedural textures and parts with defects and exact masks in the "
                     "MVTec AD layout, deterministic by --seed.")
     parser.add_argument("--out", required=True, metavar="ROOT", help="output folder")
