@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments without the program name (default: sys.argv[1:]).
     """
     from .parser import COMMANDS, build_parser
+    from .ranks import run_command
 
     _tolerate_odd_names(sys.stdout)
     previous = _on_sigterm(_terminate)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             args.progress = sys.stderr.isatty()
         with warnings.catch_warnings():
             warnings.showwarning = _warn
-            return args.run(args) or 0
+            return run_command(args)  # in this process, or as a rank under torchrun
     except InputError as exc:
         return _fail(str(exc))
     except OSError as exc:  # unwritable output folder, disk full: the user's to fix
@@ -86,6 +87,9 @@ def _warn(message, *_args, **_kwargs) -> None:
 
 
 def _fail(message: str) -> int:
+    from .ranks import fail_together
+
+    fail_together(message)  # under torchrun: rank 0 says it, every rank exits 2 (no return)
     line = " ".join(message.split())  # one line, whatever the message held
     print(f"stnpadim: error: {line}", file=sys.stderr)
     return 2
