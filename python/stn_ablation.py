@@ -199,7 +199,7 @@ def merge(documents: list[dict]) -> dict:
             "cpu": ", ".join(dict.fromkeys(doc["cpu"] for doc in documents)),
             "data_seeds": sorted({s for doc in documents for s in doc["data_seeds"]}),
             "seeds": sorted({s for doc in documents for s in doc["seeds"]}),
-            "wall_seconds": [doc.get("wall_seconds", 0.0) for doc in documents]}
+            "wall_seconds": [wall for doc in documents for wall in np.atleast_1d(doc.get("wall_seconds", 0.0))]}
 
 
 def cell(runs: list[dict], value, signed: bool = False) -> str:
@@ -222,10 +222,10 @@ def render(documents: list[dict], collapse_documents: list[dict] = ()) -> str:
     names = list(dict.fromkeys(run["category"] for run in doc["runs"]))
     by_name = {name: [run for run in doc["runs"] if run["category"] == name] for name in names}
     n_runs = sorted({len(runs) for runs in by_name.values()})
-    walls = " + ".join(f"{wall / 60:.0f}" for wall in doc["wall_seconds"])
+    walls = " + ".join(f"{float(wall) / 60:.0f}" for wall in doc["wall_seconds"])
     lines = [
         f"Runs of `python python/stn_ablation.py` started {doc['date']} at commit {doc['commit']} "
-        f"({len(documents)} process(es), {doc['threads']} thread each, wall {walls} min, on "
+        f"({len(doc['wall_seconds'])} process(es), {doc['threads']} thread each, wall {walls} min, on "
         f"{doc['cpu']}); every run is in `results/stn_ablation.json`. {doc['backbone']}, "
         f"{doc['data']['image_size']} px; per category {doc['data']['n_train']} training images "
         f"(12 held out for calibration), {doc['data']['n_test_good']} good + 4 x "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -38,6 +39,10 @@ COLORMAP = "jet"  # dark blue (normal) ... dark red (anomalous)
 # Heatmap colour range of a calibrated model, in units of its threshold: the same colour
 # means the same normalized score in every run; 1.0 (the boundary) is the middle, green.
 NORMALIZED_RANGE = (0.0, 2.0)
+# Longest side of a heatmap overlay (`score`'s files, `serve`'s answers): images beyond it
+# get a downscaled overlay (a 10000 px overlay at full size would need gigabytes for no
+# visible gain).
+HEATMAP_MAX_SIDE = 2048
 
 
 def _umask() -> int:
@@ -171,11 +176,22 @@ def write_scores_csv(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 def write_image(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Writes a uint8 [H, W, 3] (RGB) or [H, W] (grey) array as a PNG (tagged Software:
     stnpadim), atomically."""
+    with atomic_file(path) as tmp:
+        _save_png(rgb, tmp)
+    return Path(path)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """The PNG `write_image` would write, as bytes."""
+    buffer = io.BytesIO()
+    _save_png(rgb, buffer)
+    return buffer.getvalue()
+
+
+def _save_png(rgb: np.ndarray, target) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", PNG_SOFTWARE)
-    with atomic_file(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG", pnginfo=info)
-    return Path(path)
+    Image.fromarray(rgb).save(target, format="PNG", pnginfo=info)
 
 
 # ----------------------------------------------------------------------------------------
@@ -201,6 +217,28 @@ def colorize(amap, vmin: float, vmax: float) -> np.ndarray:
 def heat_range(threshold: float) -> tuple[float, float]:
     """(vmin, vmax) of the heatmap colours of a model calibrated at `threshold` (NORMALIZED_RANGE)."""
     return NORMALIZED_RANGE[0] * threshold, NORMALIZED_RANGE[1] * threshold
+
+
+def heatmap_overlay(image, amap, threshold: float | None, vmin: float, vmax: float
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image's heatmap as `score` writes it: the map resized to the image, blended on
+    it and, for a calibrated model, the defect region (map > threshold) outlined in white.
+
+    Args:
+        image: float [3, H, W] in [0, 1] (the overlay's size: at most HEATMAP_MAX_SIDE).
+        amap: anomaly map [h, w] in the input frame (any size; resized bilinearly).
+        threshold: the model's calibrated threshold, or None (no region then).
+        vmin, vmax: colour range (`heat_range(threshold)` for a calibrated model).
+
+    Returns:
+        (overlay uint8 [H, W, 3], defect region bool [H, W] or None).
+    """
+    amap = resize_map(amap.float(), image.shape[-2:])
+    heat = overlay(image, amap, vmin, vmax)
+    if threshold is None:
+        return heat, None
+    region = (amap > threshold).numpy()
+    return outline(heat, region), region
 
 
 def outline(rgb: np.ndarray, mask, colour=(255, 255, 255)) -> np.ndarray:

@@ -276,3 +276,35 @@ def test_cli_export_missing_model(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "none.padim"), "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("stnpadim: error: ") and "none.padim" in err and "\n" not in err
+
+
+def test_readme_onnx_snippet_scores_files_like_stnpadim_score(drift, tmp_path, capsys):
+    """Issue 21: the README's ONNX Runtime code path (the package's load_image, then the
+    graph) on image files gives `stnpadim score`'s scores, for files of the model's size and
+    for larger ones (shrunk while decoding)."""
+    import csv
+
+    from PIL import Image
+
+    from stnpadim_ext.data import load_image
+
+    train, test, _ = drift
+    model = fitted("efficientnet_lite0", True, train)
+    model_path, onnx_path = tmp_path / "m.padim", tmp_path / "m.onnx"
+    model.save(model_path)
+    model.export_onnx(onnx_path)
+    files = []
+    for i, image in enumerate(test[:4]):
+        rgb = Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        files.append(tmp_path / "images" / f"{i}.png")
+        files[-1].parent.mkdir(exist_ok=True)
+        (rgb if i < 2 else rgb.resize((3 * SIZE, 3 * SIZE), Image.LANCZOS)).save(files[-1])
+    assert main(["score", "--model", str(model_path), *map(str, files), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "out" / "scores.csv", newline="") as f:
+        expected = {Path(row["image"]).name: float(row["score"]) for row in csv.DictReader(f)}
+    sess = session(onnx_path)
+    for path in files:
+        image = load_image(path, SIZE)[None].numpy()  # the README snippet
+        scores, _ = sess.run(["scores", "maps"], {"images": image})
+        assert scores[0] == pytest.approx(expected[path.name], rel=1e-4), path.name

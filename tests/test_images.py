@@ -106,6 +106,22 @@ def test_bad_files(tmp_path, rng):
         load_image(tmp_path / "cut.jpg")
 
 
+def test_bytes_decode_like_the_file(tmp_path, rng):
+    """An upload's bytes go through the same checks and decoders as the file (serve)."""
+    pixels = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    for name, options in (("a.png", {}), ("a.jpg", {"quality": 90}), ("a.webp", {"lossless": True})):
+        Image.fromarray(pixels).save(tmp_path / name, **options)
+        data = (tmp_path / name).read_bytes()
+        for size in (None, (64, 96)):
+            from_file, source = decode_image(tmp_path / name, size)
+            from_bytes, source_bytes = decode_image(data, size)
+            assert source == source_bytes == (300, 200) and torch.equal(from_file, from_bytes)
+    with pytest.raises(InputError, match="^upload: empty file"):
+        decode_image(b"", name="upload")
+    with pytest.raises(InputError, match="^image: not a readable image"):
+        decode_image(b"not an image at all")
+
+
 def test_list_images_and_folder_batches(tmp_path, rng):
     with pytest.raises(InputError, match="no such folder"):
         list_images(tmp_path / "nope")

@@ -1,4 +1,4 @@
-"""The `stnpadim` command line: demo, fit, score, eval, synth, export.
+"""The `stnpadim` command line: demo, fit, score, eval, synth, export, serve.
 
     stnpadim demo [--out DIR]
     stnpadim fit   --data ROOT --category C [--backbone B] [--stn reconstruct|canonical|none] --out MODEL
@@ -6,6 +6,7 @@
     stnpadim eval  --data ROOT [--category C ...] [--model MODEL | fit options] [--json FILE]
     stnpadim synth --out ROOT [--categories ...] [--seed N]
     stnpadim export --model MODEL --out MODEL.onnx [--input-dtype float32|uint8]
+    stnpadim serve --model MODEL [--host H] [--port P] [--max-batch N] [--max-wait-ms MS] ...
 
 A user mistake (missing or unreadable file, bad option value, foreign model file...) ends
 the run with exit status 2 and one line `stnpadim: error: <file>: <problem>` on stderr.

@@ -14,7 +14,7 @@ from ..models.padim import MAX_IMAGE_SIZE
 from .experiment import ModelOptions
 
 STN_CHOICES = ("reconstruct", "canonical", "none")
-COMMANDS = ("demo", "fit", "score", "eval", "synth", "export")
+COMMANDS = ("demo", "fit", "score", "eval", "synth", "export", "serve")
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,14 +26,14 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     """The `stnpadim` parser with one subparser per command (each sets `run`)."""
-    from . import demo, evaluate, export, fit, score, synth  # the commands register themselves
+    from . import demo, evaluate, export, fit, score, serve, synth  # the commands register themselves
 
     parser = Parser(prog="stnpadim", description="PaDiM anomaly detection with a "
                     "self-supervised Spatial Transformer (STN).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     common = common_options()
-    for module in (demo, fit, score, evaluate, synth, export):
+    for module in (demo, fit, score, evaluate, synth, export, serve):
         module.register(commands, common)
     return parser
 

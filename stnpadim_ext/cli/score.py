@@ -20,16 +20,12 @@ from ..data.mvtec import OS_CLUTTER
 from ..distributed.shards import reassemble, reassemble_tensors, share_indices
 from ..errors import InputError
 from ..models.padim import load
-from ..report import heat_range, outline, overlay, resize_map, staged_folder, write_image, write_scores_csv
+from ..report import HEATMAP_MAX_SIDE, heat_range, heatmap_overlay, staged_folder, write_image, write_scores_csv
 from ..report_html import HtmlReport
 from .experiment import ModelOptions
 from .outputs import check_outputs, check_writable_folder
 from .parser import add_force_option, add_run_options, positive_float
 from .reporting import aligned_views
-
-# Longest side of a heatmap overlay: images beyond it get a downscaled overlay (a 10000 px
-# overlay at full size would need gigabytes for no visible gain).
-HEATMAP_MAX_SIDE = 2048
 
 
 def register(commands, common) -> None:
@@ -102,12 +98,9 @@ def run(args) -> int:
             path, name = paths[i], names[i]
             # Overlays of huge images are written downscaled: memory stays bounded.
             image = load_image(path, max_side=HEATMAP_MAX_SIDE)
-            amap = resize_map(amap.float(), image.shape[-2:])  # the input frame, at the overlay's size
-            heat = overlay(image, amap, vmin, vmax)
+            heat, region = heatmap_overlay(image, amap, threshold, vmin, vmax)
             row = {"image": str(path), "score": f"{score:.6g}", "normalized_score": "", "anomalous": ""}
             if threshold:
-                region = (amap > threshold).numpy()
-                heat = outline(heat, region)
                 row.update(normalized_score=f"{score / threshold:.6g}",
                            anomalous=str(score > threshold).lower())
                 if args.masks:

@@ -14,6 +14,7 @@ ahead on a side stream.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import warnings
@@ -41,24 +42,26 @@ RANGE_SLACK = 1e-3
 DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
-def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None,
-               max_side: int | None = None) -> torch.Tensor:
+def load_image(path: str | os.PathLike | bytes, size: int | tuple[int, int] | None = None,
+               max_side: int | None = None, name: str | None = None) -> torch.Tensor:
     """Reads one image as float [3, H, W] in [0, 1], whatever its mode (L, RGBA, I;16, ...).
 
     Args:
-        path: image file.
+        path: image file, or the file's contents as bytes.
         size: optional (H, W) or int to resize to (bilinear, antialiased).
         max_side: without `size`, shrink (keeping the aspect ratio) so that the longer side
             is at most this.
+        name: how messages name in-memory bytes (default "image").
 
     Raises:
         InputError naming the file (see `decode_image`).
     """
-    return as_float(decode_image(path, size, max_side)[0]).contiguous()
+    return as_float(decode_image(path, size, max_side, name)[0]).contiguous()
 
 
-def decode_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None,
-                 max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def decode_image(path: str | os.PathLike | bytes, size: int | tuple[int, int] | None = None,
+                 max_side: int | None = None, name: str | None = None
+                 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Reads one image file: the one decoder behind `load_image` and the batch pipeline.
 
     Only the formats in IMAGE_FORMATS are decoded, images above MAX_PIXELS are refused, and
@@ -68,10 +71,12 @@ def decode_image(path: str | os.PathLike, size: int | tuple[int, int] | None = N
     are resized by PIL; deeper ones are read as float32 and resized by torch.
 
     Args:
-        path: image file.
+        path: image file, or the file's contents as bytes (an upload: same checks, same
+            decoders, same pixels).
         size: optional (H, W) or int to resize to (bilinear, antialiased).
         max_side: without `size`, shrink (keeping the aspect ratio) so that the longer side
             is at most this.
+        name: how messages name in-memory bytes (default "image").
 
     Returns:
         (image [3, H, W], (H, W) of the file): uint8 for 8-bit files, float32 in [0, 1]
@@ -81,8 +86,8 @@ def decode_image(path: str | os.PathLike, size: int | tuple[int, int] | None = N
         InputError naming the file: missing, empty, not an allowed format, unreadable, too
         many pixels, or NaN / Inf pixel values (float TIFFs).
     """
-    path = Path(path)
-    with open_image(path) as img:
+    label = _label(path, name)
+    with open_image(path, name) as img:
         source = (img.height, img.width)
         try:
             oversample = 4  # model input: the antialiased resize does the last 4x
@@ -100,43 +105,61 @@ def decode_image(path: str | os.PathLike, size: int | tuple[int, int] | None = N
                 rgb = rgb.resize(target[::-1], Image.Resampling.BILINEAR)
             array = np.array(rgb)  # a writable copy: torch.from_numpy needs one
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{path}: not a readable image ({exc})") from None
+            raise InputError(f"{label}: not a readable image ({exc})") from None
     # [H, W, 3] viewed as [3, H, W]: channels_last strides, the layout the backbone wants.
     return torch.from_numpy(array).permute(2, 0, 1), source
 
 
 @contextlib.contextmanager
-def open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
-    """Opens an image file lazily (header only) after the checks every reader needs.
+def open_image(path: str | os.PathLike | bytes, name: str | None = None) -> Iterator[Image.Image]:
+    """Opens an image file (or its contents as bytes) lazily, header only, after the checks
+    every reader needs.
+
+    Args:
+        path: image file, or the file's contents as bytes.
+        name: how messages name in-memory bytes (default "image").
 
     Raises:
         InputError naming the file: missing, empty, not one of IMAGE_FORMATS (no other PIL
         plugin ever sees the bytes), or more than MAX_PIXELS pixels.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
+    label = _label(path, name)
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            raise InputError(f"{label}: empty file (0 bytes)")
+        source = io.BytesIO(path)
+    else:
+        source = Path(path)
+        if not source.is_file():
+            raise InputError(f"{label}: no such image file")
+        if source.stat().st_size == 0:
+            raise InputError(f"{label}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():  # our own limit replaces PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=IMAGE_FORMATS)
+            img = Image.open(source, formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not a readable image (not a PNG, JPEG, BMP, TIFF or WebP "
+        raise InputError(f"{label}: not a readable image (not a PNG, JPEG, BMP, TIFF or WebP "
                          "file)") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: image has too many pixels (limit {MAX_PIXELS:,})") from None
+        raise InputError(f"{label}: image has too many pixels (limit {MAX_PIXELS:,})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from None
+        raise InputError(f"{label}: not a readable image ({exc})") from None
     with img:
         width, height = img.size
         if width * height > MAX_PIXELS:
-            raise InputError(f"{path}: image is {width}x{height} = {width * height:,} pixels, "
+            raise InputError(f"{label}: image is {width}x{height} = {width * height:,} pixels, "
                              f"above the limit of {MAX_PIXELS:,}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield img
+
+
+def _label(path, name: str | None) -> str | Path:
+    """How a message names an image: its path, or `name` (default "image") for bytes."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return name or "image"
+    return Path(path)
 
 
 def _shrink_on_decode(img: Image.Image, target: tuple[int, int] | None,
@@ -378,13 +401,13 @@ def _decode_files(paths: list, batch_size: int, size, file_size, pin: bool) -> I
             fill()
             chunk = [pending.popleft().result() for _ in range(min(batch_size, len(paths) - start))]
             fill()
-            yield _assemble(chunk, pin, resized=size is not None)
+            yield assemble(chunk, pin, resized=size is not None)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _assemble(chunk: list[tuple[torch.Tensor, tuple[int, int]]], pin: bool,
-              resized: bool) -> Batch:
+def assemble(chunk: list[tuple[torch.Tensor, tuple[int, int]]], pin: bool = False,
+             resized: bool = True) -> Batch:
     """Stacks decoded images into one batch (pinned for a CUDA copy): uint8 in channels_last
     layout when all are 8-bit, else float32. Unless all were resized to one `size`, the
     files must share their size (their maps come back in it)."""
