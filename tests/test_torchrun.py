@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +272,27 @@ def test_a_rank_that_dies_stops_the_others_with_one_line_naming_it(data, model_f
     assert run.exit_codes() == {0: 1, 1: -9, 2: 1}, run.launcher
     assert "Traceback" not in run.stderr[0] + run.stderr[2]
     assert not out.exists() or files(out) == {}  # no heatmap, no scores.csv, no staging folder
+
+
+def test_a_rank_that_hangs_stops_the_others_after_the_collective_timeout(data, model_file, tmp_path):
+    """Rank 1 stops at its second batch, alive: its heartbeat goes on, so nobody can say it
+    died. The others wait in their next collective for STNPADIM_DIST_TIMEOUT seconds (5
+    here), then each says so in one line and exits 1; torchrun then ends rank 1. No hang,
+    nothing written."""
+    out = tmp_path / "out"
+    argv = ["score", "--model", model_file, *image_folders(data), "--out", out, "--batch-size", "1"]
+    start = time.monotonic()
+    run = torchrun(3, argv, tmp_path, script=HERE / "torchrun_rank.py",
+                   env={"STNPADIM_TEST_HANG_RANK": "1", "STNPADIM_DIST_TIMEOUT": "5"})
+    assert time.monotonic() - start < 120  # not the hung rank's 600 s
+    assert run.returncode != 0
+    errors = run.errors()
+    assert sorted(rank for rank, _ in errors) == [0, 2], (errors, run.stderr)
+    for _, line in errors:
+        assert "collective operation failed" in line and "STNPADIM_DIST_TIMEOUT" in line, line
+    codes = run.exit_codes()
+    assert codes.get(0) == 1 and codes.get(2) == 1 and codes.get(1, 0) != 0, run.launcher
+    assert not out.exists() or files(out) == {}
 
 
 @pytest.mark.parametrize("case", ["not-distributed", "bad-option", "missing-model"])
