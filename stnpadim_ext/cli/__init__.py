@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             if command == "demo":  # its first output would wait for torch and the models
                 print("demo: loading PyTorch ...", flush=True)
             from .parser import build_parser
+            from .ranks import run_command
 
             parser = build_parser()
         try:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             args.progress = sys.stderr.isatty()
         with warnings.catch_warnings():
             warnings.showwarning = _warn
-            return args.run(args) or 0
+            return run_command(args)  # in this process, or as a rank under torchrun
     except InputError as exc:
         return _fail(str(exc))
     except OSError as exc:  # unwritable output folder, disk full: the user's to fix
@@ -95,6 +96,9 @@ def _warn(message, *_args, **_kwargs) -> None:
 
 
 def _fail(message: str) -> int:
+    from .ranks import fail_together
+
+    fail_together(message)  # under torchrun: rank 0 says it, every rank exits 2 (no return)
     line = " ".join(message.split())  # one line, whatever the message held
     print(f"stnpadim: error: {line}", file=sys.stderr)
     return 2

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from .. import distributed
 from ..data.mvtec import list_categories, load_category
 from ..errors import InputError
 from ..models.padim import load
@@ -66,7 +67,8 @@ def run(args) -> int:
         check_writable_folder(args.report)
         outputs[Path(args.report) / "index.html"] = "HTML report"
     inputs = [p for p in (args.model, args.weights) if p]
-    check_outputs(outputs, inputs, args.force)  # before reading the data, then with its files
+    # Before reading the data, then with its files; under torchrun on rank 0 alone.
+    distributed.on_main(check_outputs, outputs, inputs, args.force)
     given = [f"--{k.replace('_', '-')}" for k in MODEL_OPTIONS if getattr(args, k) is not None]
     if args.model is not None and args.seeds > 1:
         given.append("--seeds")
@@ -81,12 +83,15 @@ def run(args) -> int:
     for category in categories:
         if not category.test_items:
             raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
-    check_outputs(outputs, inputs + [f for c in categories for f in category_inputs(c)], args.force)
-    report = None if args.report is None else HtmlReport(args.report, "stnpadim eval")
+    distributed.on_main(check_outputs, outputs, inputs + [f for c in categories for f in category_inputs(c)],
+                        args.force)
+    report = None if args.report is None or not distributed.is_main() else HtmlReport(args.report, "stnpadim eval")
     if args.model is not None:
         arms = _evaluate_model_file(args, categories, report)
     else:
         arms = _fit_and_evaluate(args, categories, report)
+    if not distributed.is_main():
+        return 0  # every rank holds the results; rank 0 prints and writes them
     table = markdown_table(arms) + "\nAt the calibrated threshold:\n\n" + markdown_table(arms, DECISION_METRICS)
     print(table, end="")
     warning = false_reject_warning(arms)

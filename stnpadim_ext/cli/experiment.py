@@ -25,8 +25,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.images import describe
 from ..data.mvtec import Category, load_mask
+from ..distributed.shards import share_indices
 from ..errors import InputError
 from ..metrics import THRESHOLD_METRICS, aupro, image_auroc, image_f1, pixel_auroc, threshold_metrics
 from ..models.padim import PaDiM
@@ -166,21 +168,40 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
     if held_out:
         train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
     if stn is not None:
-        kwargs = dict(options.stn_train)
-        if options.stn_epochs is not None:
-            kwargs["epochs"] = options.stn_epochs
-        info["stn_history"] = train_stn(model.stn, train_paths, objective=options.stn,
-                                        seed=options.seed, symmetry=options.stn_symmetry,
-                                        accept_weak=options.accept_weak_stn, progress=progress,
-                                        **kwargs)
+        info["stn_history"] = _train_stn(model.stn, train_paths, options, progress)
     ranges = None if stn is None else model.stn.record["ranges"]
+    # Under torchrun every rank fits and calibrates on its share (shard=True; in one
+    # process: everything); the split above and the views are drawn alike on every rank.
     model.fit(train_paths, ranges, None if stn is None else max(options.views, len(train_paths)),
-              options.seed)
+              options.seed, shard=True)
     if calibration_paths:  # none below 3 training images
         model.calibrate(calibration_paths, options.false_reject_rate, ranges if held_out else None,
-                        seed=options.seed)
+                        seed=options.seed, shard=True)
     info["fit_seconds"] = time.perf_counter() - start
     return model, info
+
+
+def _train_stn(stn: STN, train_paths, options: ModelOptions, progress: bool) -> dict:
+    """train_stn with the options; under torchrun, rank 0's STN on every rank.
+
+    Every rank trains from the seed, then takes rank 0's weights and record: no rank sits
+    in a collective for the length of training (the process-group timeout stays short),
+    and on hosts whose CPUs or GPUs round differently (AVX2 vs AVX-512, CPU vs GPU) the
+    Gaussians are still all fitted behind one STN. Only rank 0's check can stop the run;
+    the other ranks' STNs are replaced anyway.
+    """
+    kwargs = dict(options.stn_train)
+    if options.stn_epochs is not None:
+        kwargs["epochs"] = options.stn_epochs
+    main = distributed.is_main()
+    history = train_stn(stn, train_paths, objective=options.stn, seed=options.seed,
+                        symmetry=options.stn_symmetry, accept_weak=options.accept_weak_stn or not main,
+                        progress=progress and main, **kwargs)
+    if distributed.active():
+        state = {k: v.cpu() for k, v in stn.state_dict().items()}
+        state, stn.record, history = distributed.broadcast_from_main((state, stn.record, history))
+        stn.load_state_dict(state)
+    return history
 
 
 def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: dict | None = None,
@@ -202,10 +223,10 @@ def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: 
     if calibration_paths is None:
         train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
         calibration_ranges = ranges
-    model.fit(train_paths, ranges, max(options.views, len(train_paths)), options.seed, poses)
+    model.fit(train_paths, ranges, max(options.views, len(train_paths)), options.seed, poses, shard=True)
     if calibration_paths:
         model.calibrate(calibration_paths, options.false_reject_rate, calibration_ranges,
-                        options.seed, poses)
+                        options.seed, poses, shard=True)
     return model, {"fit_seconds": time.perf_counter() - start}
 
 
@@ -225,16 +246,20 @@ def _padim(options: ModelOptions, stn, progress: bool) -> PaDiM:
 def predict_category(model: PaDiM, category: Category, progress: bool = True,
                      poses: dict | None = None) -> Predictions:
     """Scores every test image of `category` (images and masks resized to the model's size),
-    aligned by their known `poses` ({path: theta}, the oracle) when given."""
+    aligned by their known `poses` ({path: theta}, the oracle) when given. Under torchrun
+    each rank scores its share and every rank gets all the predictions, in order;
+    `seconds` is then the slowest rank's."""
     items = category.test_items
     if not items:
         raise InputError(f"{category.path / 'test'}: no test images to evaluate on")
     size = model.image_size
     scores, maps, unseen, seconds = [], [], [], 0.0
     paths = [item.path for item in items]
-    with tqdm(total=len(paths), desc=f"{category.name}: predict", unit="img",
-              disable=not progress, leave=False) as bar:
-        for batch, _, pose in posed_batches(paths, batch_size=model.batch_size, size=size, poses=poses):
+    part = distributed.shard()
+    with tqdm(total=len(share_indices(len(paths), model.batch_size, part)), desc=f"{category.name}: predict",
+              unit="img", disable=not progress, leave=False) as bar:
+        for batch, _, pose in posed_batches(paths, batch_size=model.batch_size, size=size, poses=poses,
+                                            shard=part):
             start = time.perf_counter()
             batch_scores, batch_maps = model.predict_batch(batch, pose=pose)
             batch_scores, batch_maps = batch_scores.cpu(), batch_maps.cpu()
@@ -243,12 +268,16 @@ def predict_category(model: PaDiM, category: Category, progress: bool = True,
             maps.append(batch_maps)
             unseen.append(model.out_of_view(batch, pose))
             bar.update(batch.shape[0])
+    scores, maps, unseen = (torch.cat(parts) if parts else torch.empty(0) for parts in (scores, maps, unseen))
+    if distributed.active():
+        scores, maps, unseen = (distributed.gather_tensor_in_order(t, model.batch_size)
+                                for t in (scores, maps, unseen))
+        seconds = distributed.all_reduce_float(seconds, "max")
     masks = torch.stack([torch.zeros(size, dtype=torch.bool) if item.mask_path is None
                          else load_mask(item.mask_path, size) for item in items])
     return Predictions(paths=paths, defects=[item.defect for item in items],
                        labels=torch.tensor([item.label for item in items]),
-                       scores=torch.cat(scores), maps=torch.cat(maps), masks=masks,
-                       seconds=seconds, out_of_view=torch.cat(unseen))
+                       scores=scores, maps=maps, masks=masks, seconds=seconds, out_of_view=unseen)
 
 
 def compute_metrics(predictions: Predictions, crop: tuple[int, int] | None = None) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import distributed
 from ..data.images import list_images
 from ..data.mvtec import load_category
 from .commands import COMMANDS
@@ -40,9 +41,11 @@ def run(args) -> int:
                    else category.calibration_paths or None)
     # Checked before minutes of fitting, not after; never over a training image.
     inputs = category_inputs(category) + ([args.weights] if args.weights else []) + (calibration or [])
-    check_outputs({out: "model file"}, inputs, args.force)
+    distributed.on_main(check_outputs, {out: "model file"}, inputs, args.force)  # once, under torchrun
     options = ModelOptions.from_args(args)
     model, info = fit_model(category.train_paths, options, args.progress, calibration)
+    if not distributed.is_main():
+        return 0  # every rank holds the model; rank 0 writes it
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
     cal = model.calibration

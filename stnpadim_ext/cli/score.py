@@ -6,6 +6,8 @@ so the same colour means the same normalized score in every run.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,8 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.images import IMAGE_SUFFIXES, iter_batches, load_image
 from ..data.mvtec import OS_CLUTTER
+from ..distributed.shards import reassemble, reassemble_tensors, share_indices
 from ..errors import InputError
 from ..models.padim import load
 from ..report import HEATMAP_MAX_SIDE, heat_range, heatmap_overlay, staged_folder, write_image, write_scores_csv
@@ -56,15 +60,8 @@ def run(args) -> int:
     paths = collect_images(args.inputs)
     out = Path(args.out)
     names = heatmap_names(paths)
-    check_writable_folder(out)
-    # Checked before any work: never over an input image or the model, nor a foreign file.
-    outputs = {out / "scores.csv": "scores CSV", **{out / n: "heatmap PNG" for n in names}}
-    if args.masks:
-        outputs.update({out / mask_name(n): "heatmap PNG" for n in names})
-    if args.report is not None:
-        check_writable_folder(args.report)
-        outputs[Path(args.report) / "index.html"] = "HTML report"
-    check_outputs(outputs, [*paths, args.model], args.force)
+    # Checked before any work, under torchrun once (rank 0) before any rank works.
+    distributed.on_main(_check_outputs, args, out, names, paths)
     options = ModelOptions.from_args(args)
     model = load(args.model, device=options.device, batch_size=options.batch_size, progress=False)
     threshold = model.threshold
@@ -73,22 +70,35 @@ def run(args) -> int:
     if threshold is None:
         print(f"{args.model}: uncalibrated model (saved without a threshold): scores only; "
               "refit it to get decisions")
+    # Under torchrun each rank takes every world-th batch: the same batches as one process.
+    mine = share_indices(len(paths), model.batch_size, distributed.shard())
     # All predictions first: a bad image stops the run before anything is written.
     scores, maps = [], []
-    with tqdm(total=len(paths), desc="score", unit="img", disable=not args.progress) as bar:
-        for batch in iter_batches(paths, model.batch_size, size=model.image_size):
+    with tqdm(total=len(mine), desc="score", unit="img", disable=not args.progress) as bar:
+        for batch in iter_batches([paths[i] for i in mine], model.batch_size, size=model.image_size,
+                                  allow_empty=True):
+            distributed.check_peers()
             batch_scores, batch_maps = model.predict_batch(batch)
             scores.append(batch_scores.cpu())
             maps.append(batch_maps.cpu().half())  # half the memory; plenty for colours
             bar.update(batch.shape[0])
-    scores, maps = torch.cat(scores), torch.cat(maps)
-    vmin, vmax = heat_range(threshold) if threshold else (float(maps.min()), float(maps.max()))
+    scores, maps = (torch.cat(parts) if parts else torch.empty(0) for parts in (scores, maps))
+    if threshold:
+        vmin, vmax = heat_range(threshold)
+    else:  # over all ranks' maps
+        vmin = distributed.all_reduce_float(float(maps.min()) if maps.numel() else math.inf, "min")
+        vmax = distributed.all_reduce_float(float(maps.max()) if maps.numel() else -math.inf, "max")
     vmax = args.vmax or vmax
     rows = []
-    # Written to a staging folder and moved in at the end: all outputs or none.
-    with staged_folder(out, last=["scores.csv"]) as stage:
-        for path, name, score, amap in tqdm(list(zip(paths, names, scores.tolist(), maps, strict=True)),
-                                            desc="heatmaps", unit="img", disable=not args.progress):
+    # Every rank writes into rank 0's staging folder, moved in once all have written: all
+    # outputs or none; scores.csv comes last.
+    main = distributed.is_main()
+    with staged_folder(out, last=["scores.csv"]) if main else contextlib.nullcontext() as stage:
+        stage = _shared_stage(out, stage)
+        for i, score, amap in tqdm(list(zip(mine, scores.tolist(), maps, strict=True)),
+                                   desc="heatmaps", unit="img", disable=not args.progress):
+            distributed.check_peers()
+            path, name = paths[i], names[i]
             # Overlays of huge images are written downscaled: memory stays bounded.
             image = load_image(path, max_side=HEATMAP_MAX_SIDE)
             heat, region = heatmap_overlay(image, amap, threshold, vmin, vmax)
@@ -100,6 +110,14 @@ def run(args) -> int:
                     write_image(stage / mask_name(name), region.astype("uint8") * 255)
             write_image(stage / name, heat)
             rows.append({**row, "heatmap": name})
+        # Every rank's heatmaps are written once rank 0 holds every rank's rows.
+        gathered = distributed.gather_objects_to_main((rows, scores, maps if args.report else None))
+        if not main:
+            return 0
+        rows = reassemble([part[0] for part in gathered], model.batch_size)
+        scores = reassemble_tensors([part[1] for part in gathered], model.batch_size)
+        if args.report is not None:
+            maps = reassemble_tensors([part[2] for part in gathered], model.batch_size)
         write_scores_csv(stage / "scores.csv", rows)
     line = f"scored {len(paths)} images: scores {min(scores.tolist()):.4g} .. {max(scores.tolist()):.4g}"
     if threshold:
@@ -121,6 +139,27 @@ def image_set_name(inputs: list[str], shown: int = 3) -> str:
     """The report's name for what was scored: the inputs' names, the first few."""
     names = [Path(name).name or str(name) for name in inputs]
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _check_outputs(args, out: Path, names: list[str], paths: list[Path]) -> None:
+    """Never over an input image or the model, nor a foreign file (outputs.check_outputs)."""
+    check_writable_folder(out)
+    outputs = {out / "scores.csv": "scores CSV", **{out / n: "heatmap PNG" for n in names}}
+    if args.masks:
+        outputs.update({out / mask_name(n): "heatmap PNG" for n in names})
+    if args.report is not None:
+        check_writable_folder(args.report)
+        outputs[Path(args.report) / "index.html"] = "HTML report"
+    check_outputs(outputs, [*paths, args.model], args.force)
+
+
+def _shared_stage(out: Path, stage: Path | None) -> Path:
+    """Rank 0's staging folder on every rank; it must be visible to all of them."""
+    stage = distributed.broadcast_from_main(stage)
+    if not stage.is_dir():
+        raise InputError(f"{out}: rank 0's staging folder {stage.name} is not visible here: under torchrun "
+                         "on several hosts, --out must be on a file system that every host shares")
+    return stage
 
 
 def mask_name(heatmap: str) -> str:
@@ -155,7 +194,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
             paths.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
-    if skipped:
+    if skipped and distributed.is_main():  # once, under torchrun too
         print(f"stnpadim: note: skipped {len(skipped)} file(s) that are not images "
               f"(e.g. {skipped[0]})", file=sys.stderr)
     return list(dict.fromkeys(paths))

@@ -372,8 +372,15 @@ def _iterable_batches(images: Iterable, size, allow_empty: bool) -> Iterator[Bat
         raise InputError("images is empty: nothing to process")
 
 
+# Decode threads of this process when set (a torchrun rank's share of the host's cores,
+# set by distributed.session); None: one per core this process may run on.
+DECODE_WORKERS: int | None = None
+
+
 def decode_workers() -> int:
-    """Decode threads: one per core this process may run on."""
+    """Decode threads: DECODE_WORKERS, else one per core this process may run on."""
+    if DECODE_WORKERS is not None:
+        return DECODE_WORKERS
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

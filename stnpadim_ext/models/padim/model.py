@@ -27,8 +27,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...data.images import as_float, describe, iter_batches, iter_image_batches, resize
+from ...data.images import as_float, describe, iter_batches, iter_image_batches, list_images, resize
 from ...devices import resolve_device
+from ...distributed import collect
+from ...distributed.shards import share_indices, share_of
 from ...errors import InputError
 from ...ops.affine_sample import affine_sample
 from ...ops.mahalanobis import mahalanobis
@@ -198,12 +200,12 @@ class PaDiM:
     # ------------------------------------------------------------------ fit
 
     def fit(self, images, pose_ranges: dict | None = None, n_views: int | None = None,
-            seed: int = 0, poses: dict | None = None) -> "PaDiM":
+            seed: int = 0, poses: dict | None = None, *, shard: bool = False) -> "PaDiM":
         """Fits the per-patch Gaussians on good images, streaming (no embeddings kept).
 
         With torch.distributed initialised, each process passes its own share of the images
-        (e.g. a DistributedSampler) and the statistics are summed over all processes, so
-        every process ends with the same model.
+        (e.g. a DistributedSampler), or all of them with `shard`, and the statistics are
+        summed over all processes, so every process ends with the same model.
 
         Args:
             images: tensor [B, 3, H, W] (float in [0, 1] or uint8), paths, a folder, or a
@@ -219,6 +221,11 @@ class PaDiM:
             seed: seeds the views.
             poses: {path: theta [2, 3]} known true poses of the images (paths), used
                 instead of the STN (the STN experiments' oracle).
+            shard: every process of the torch.distributed group passes the same images (a
+                list of paths, a folder or a tensor) and fits on its share: every world-th
+                batch (or batch of views) from its rank, each as one process would see it
+                (distributed.shards). The model then equals one process's up to the float64
+                summation order of the statistics. Without a group: all of them.
 
         Returns:
             self.
@@ -226,11 +233,16 @@ class PaDiM:
         grid = self.embedding.grid_size(*self.input_size)
         distributed = dist.is_available() and dist.is_initialized()
         stats = GaussianStats(grid[0] * grid[1], self.n_features, device=self.device)
-        batches = None
-        if (pose_ranges, n_views, poses) != (None, None, None):
+        part = collect.shard() if shard else None
+        if part is not None:
+            images = self._listed(images)
+        batches, total = None, n_views
+        if (pose_ranges, n_views, poses) != (None, None, None) or part is not None:
             batches = posed_batches(images, pose_ranges, seed, self.batch_size, self.image_size,
-                                    n_views, poses, self.device)
-        self._accumulate(images, stats, allow_empty=distributed, batches=batches, total=n_views)
+                                    n_views, poses, self.device, shard=part)
+        if part is not None:
+            total = len(share_indices(n_views or len(images), self.batch_size, part))
+        self._accumulate(images, stats, allow_empty=distributed, batches=batches, total=total)
         if distributed:
             stats.all_reduce()
         if stats.count < 2:  # a covariance needs two samples
@@ -244,7 +256,7 @@ class PaDiM:
         return self
 
     def calibrate(self, good_images, false_reject_rate: float = 0.01, pose_ranges: dict | None = None,
-                  seed: int = 0, poses: dict | None = None) -> "PaDiM":
+                  seed: int = 0, poses: dict | None = None, *, shard: bool = False) -> "PaDiM":
         """Sets the threshold from good images the model was not fitted on (conformal).
 
         The threshold is the ceil((n + 1)(1 - false_reject_rate))-th smallest score of the n
@@ -265,20 +277,42 @@ class PaDiM:
                 images in their real poses do not.
             seed: seeds those poses.
             poses: {path: theta} known true poses of the images, as for `fit`.
+            shard: every process of the torch.distributed group passes the same images,
+                scores its share (as `fit`'s) and gathers all the scores: every process
+                sets the threshold of all the images.
 
         Returns:
             self.
         """
-        if pose_ranges is None and poses is None:
+        part = collect.shard() if shard else None
+        if part is not None:
+            good_images = self._listed(good_images)
+        if pose_ranges is None and poses is None and part is None:
             scores, _ = self.predict(good_images)
+        elif pose_ranges is None and poses is None:
+            mine = share_of(good_images, self.batch_size, part)
+            scores = self.predict(mine)[0] if len(mine) else torch.empty(0)
         else:
-            scores = torch.cat([self.predict_batch(x, pose=pose, view=view)[0].cpu() for x, view, pose in
-                                posed_batches(good_images, pose_ranges, seed, self.batch_size,
-                                              self.image_size, poses=poses, device=self.device)])
+            scores = [self.predict_batch(x, pose=pose, view=view)[0].cpu() for x, view, pose in
+                      posed_batches(good_images, pose_ranges, seed, self.batch_size, self.image_size,
+                                    poses=poses, device=self.device, shard=part)]
+            scores = torch.cat(scores) if scores else torch.empty(0)
+        if part is not None:
+            scores = collect.gather_tensor_in_order(scores, self.batch_size)
         self.calibration = conformal_calibration(scores, false_reject_rate, pose_ranges)
         if self.calibration.note:
             warnings.warn(self.calibration.note, stacklevel=2)
         return self
+
+    @staticmethod
+    def _listed(images):
+        """images as a list of paths or a tensor: what a rank can take its share of."""
+        if isinstance(images, (str, os.PathLike)):
+            images = list_images(images) if Path(images).is_dir() else [Path(images)]
+        if isinstance(images, torch.Tensor) and images.dim() == 4 or isinstance(images, (list, tuple)):
+            return images
+        raise InputError(f"shard=True needs images as a list of paths, a folder or a tensor "
+                         f"[B, 3, H, W]; got {type(images).__name__}")
 
     @torch.no_grad()
     def _accumulate(self, images, stats: GaussianStats, allow_empty: bool, batches=None,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data.images import as_float, iter_batches
+from ...distributed import Shard, check_peers, owns_batch, share_of
 from ...ops.affine_sample import affine_sample
 from .transforms import random_similarity
 
@@ -63,7 +64,7 @@ def sample_posed(x: torch.Tensor, view: torch.Tensor, forward: torch.Tensor,
 
 def posed_batches(images, ranges: dict | None = None, seed: int = 0, batch_size: int = 32,
                   size: int | tuple[int, int] | None = None, n_views: int | None = None,
-                  poses: dict | None = None, device=None
+                  poses: dict | None = None, device=None, shard: Shard | None = None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """Batches (images, views, poses) of `images` seen in random poses within `ranges`,
     seeded, with their known true poses where given.
@@ -80,14 +81,24 @@ def posed_batches(images, ranges: dict | None = None, seed: int = 0, batch_size:
         poses: {path: theta [2, 3]} true poses of the images (the canonical frame into the
             image, as synth's meta.json records them), or None.
         device: where the batches are made and delivered.
+        shard: (rank, world) of a torchrun group: yield only this rank's batches (every
+            world-th from its rank; distributed.shards), each as one process would yield it,
+            views included (the others' views are drawn and dropped, so the seeded
+            sequence is the same). May yield nothing. None: every batch.
 
     Yields:
         (float images [b, 3, H, W] in [0, 1], views [b, 2, 3] or None, poses [b, 2, 3] or
         None), on `device`.
     """
     if ranges is None and poses is None and n_views is None:  # nothing to draw: stream
-        for batch in iter_batches(images, batch_size, size=size, device=device):
-            yield as_float(batch, device), None, None
+        may_be_empty = shard is not None
+        if shard is not None and isinstance(images, (list, tuple, torch.Tensor)):
+            images, shard = share_of(images, batch_size, shard), None  # the others' files stay unread
+        for number, batch in enumerate(iter_batches(images, batch_size, size=size, device=device,
+                                                    allow_empty=may_be_empty)):
+            if shard is None or owns_batch(number, shard):
+                check_peers()
+                yield as_float(batch, device), None, None
         return
     paths = list(images) if isinstance(images, (list, tuple)) and all(
         isinstance(p, (str, os.PathLike)) for p in images) else None
@@ -103,7 +114,12 @@ def posed_batches(images, ranges: dict | None = None, seed: int = 0, batch_size:
     else:
         passes = -(-n_views // count)
         order = torch.cat([torch.randperm(count, generator=gen) for _ in range(passes)])[:n_views]
-    for index in order.split(batch_size):
+    for number, index in enumerate(order.split(batch_size)):
+        if shard is not None and not owns_batch(number, shard):
+            if ranges is not None:  # drawn all the same: the owner's views follow in sequence
+                random_views(index.shape[0], ranges, gen)
+            continue
+        check_peers()
         if paths is None:
             x = as_float(data[index], device)
         else:
