@@ -24,6 +24,7 @@ OPS_SMOKE = textwrap.dedent("""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import stnpadim_ext as sp
+        sp.backend_info  # the backend loads with the first name used (lazy exports)
     x, theta = torch.rand(2, 3, 9, 7), torch.randn(2, 2, 3) * 0.3
     want = F.grid_sample(x, F.affine_grid(theta, (2, 3, 9, 7), align_corners=False), align_corners=False)
     assert torch.allclose(sp.affine_sample(x, theta), want, atol=1e-5)

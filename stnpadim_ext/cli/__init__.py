@@ -96,9 +96,9 @@ def _warn(message, *_args, **_kwargs) -> None:
 
 
 def _fail(message: str) -> int:
-    from .ranks import fail_together
-
-    fail_together(message)  # under torchrun: rank 0 says it, every rank exits 2 (no return)
+    ranks = sys.modules.get(f"{__name__}.ranks")  # loaded once a command runs, not for --help
+    if ranks is not None:
+        ranks.fail_together(message)  # under torchrun: rank 0 says it, every rank exits 2 (no return)
     line = " ".join(message.split())  # one line, whatever the message held
     print(f"stnpadim: error: {line}", file=sys.stderr)
     return 2
