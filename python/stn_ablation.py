@@ -21,8 +21,8 @@ is the t-interval over the data-seed means (metrics.clustered_interval).
     python python/stn_ablation.py --stn-only --seeds 0 1 2 3 4 5 --json results/stn_collapse.json
 
 trains and checks only the STNs (more runs per category for the collapse count);
---categories and --data-seeds split the work over processes, and --from-json renders
-earlier files (several, merged) without running anything.
+--categories, --data-seeds and --seeds split the work over processes, and --from-json
+renders earlier files (several, merged; with --json, written as one) without running.
 """
 from __future__ import annotations
 
@@ -372,7 +372,7 @@ def main() -> None:
                         help="train and check the STNs only (the collapse count)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the bits "
                         "of STN training depend on it)")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results here (with --from-json: the files merged)")
     parser.add_argument("--from-json", nargs="+", metavar="FILE",
                         help="render these earlier --json files instead of running")
     parser.add_argument("--collapse-json", nargs="+", metavar="FILE", default=[],
@@ -381,6 +381,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         documents = [json.loads(Path(f).read_text()) for f in args.from_json]
+        if args.json:  # one file from the per-process ones
+            write_json(args.json, merge(documents))
     else:
         torch.set_num_threads(args.threads)
         documents = [run(args)]
