@@ -146,10 +146,9 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
     Without calibration_paths a seeded share of train_paths is held out (split_holdout):
     neither the STN nor the Gaussians see it; it only sets the threshold. Behind an STN the
     Gaussians are fitted on options.views views (at least one per image) of the training
-    images in random poses of
-    the STN's declared range, as the STN aligns them, and the held-out images are scored in
-    such poses too (PaDiM.fit / calibrate with pose_ranges): test parts are expected to
-    arrive in any pose of that range. A given calibration folder holds real line images:
+    images in random poses of the STN's declared range, as the STN aligns them, and the
+    held-out images are scored in such poses too (PaDiM.fit / calibrate with pose_ranges):
+    test parts are expected to arrive in any pose of that range. A given calibration folder holds real line images:
     they are scored as they are.
 
     Returns:
@@ -172,13 +171,18 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
     ranges = None if stn is None else model.stn.record["ranges"]
     # Under torchrun every rank fits and calibrates on its share (shard=True; in one
     # process: everything); the split above and the views are drawn alike on every rank.
-    model.fit(train_paths, ranges, None if stn is None else max(options.views, len(train_paths)),
+    model.fit(train_paths, ranges, None if stn is None else _n_views(options, train_paths),
               options.seed, shard=True)
     if calibration_paths:  # none below 3 training images
         model.calibrate(calibration_paths, options.false_reject_rate, ranges if held_out else None,
                         seed=options.seed, shard=True)
     info["fit_seconds"] = time.perf_counter() - start
     return model, info
+
+
+def _n_views(options: ModelOptions, train_paths) -> int:
+    """Posed views a pose arm fits on: options.views, at least one per training image."""
+    return max(options.views, len(train_paths))
 
 
 def _train_stn(stn: STN, train_paths, options: ModelOptions, progress: bool) -> dict:
@@ -207,8 +211,8 @@ def _train_stn(stn: STN, train_paths, options: ModelOptions, progress: bool) -> 
 def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: dict | None = None,
               calibration_paths=None) -> tuple[PaDiM, dict]:
     """A pose arm without an STN: plain PaDiM fitted on options.views views (at least one per
-    image) of the training images in random poses of the STN's ranges (options.pose_ranges) and calibrated like
-    fit_model's STN arm (the held-out images in random poses of the same ranges, or the
+    image) of the training images in random poses of the STN's ranges (options.pose_ranges)
+    and calibrated like fit_model's STN arm (the held-out images in random poses of the same ranges, or the
     given line images as they are): PaDiM+aug, or with the images' true `poses` ({path:
     theta}) aligning every view and image, the oracle.
 
@@ -223,7 +227,7 @@ def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: 
     if calibration_paths is None:
         train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)
         calibration_ranges = ranges
-    model.fit(train_paths, ranges, max(options.views, len(train_paths)), options.seed, poses, shard=True)
+    model.fit(train_paths, ranges, _n_views(options, train_paths), options.seed, poses, shard=True)
     if calibration_paths:
         model.calibrate(calibration_paths, options.false_reject_rate, calibration_ranges,
                         options.seed, poses, shard=True)

@@ -15,6 +15,8 @@ from .commands import Parser, top_parser
 from .experiment import ModelOptions
 
 STN_CHOICES = ("reconstruct", "canonical", "none")
+
+
 def build_parser() -> Parser:
     """The `stnpadim` parser with one subparser per command (each sets `run`)."""
     from . import demo, evaluate, export, fit, score, serve, synth  # the commands register themselves
