@@ -61,19 +61,25 @@ def anomalib_distance(emb: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tens
     return distances.clamp(0).sqrt()
 
 
-def _op_info(dim: int, batch: int) -> dict:
+def _op_info(dim: int, batch: int, factor_bytes: int = 4) -> dict:
     packed = dim * (dim + 1) // 2
     return {"flops": 2.0 * PATCHES * batch * packed,       # one multiply-add per factor element
-            "bytes": 4.0 * PATCHES * (packed + dim + batch * dim + batch)}
+            "bytes": PATCHES * (factor_bytes * packed + 4.0 * (dim + batch * dim + batch))}
 
 
-def _run_case(benchmark, device, dim, batch, rounds, role):
+# Ours with the float32 factor and with it stored in bfloat16 (PaDiM factor_dtype), which
+# is timed against the same anchor: the anchor case's name is the float32 one.
+ROLES = [("ours", "float32"), ("ours", "bfloat16"), ("anchor", "float32")]
+
+
+def _run_case(benchmark, device, dim, batch, rounds, role, factor_dtype="float32"):
     gaussian, mean, inv_cov = model(dim, device)
+    gaussian = gaussian.with_factor_dtype(getattr(torch, factor_dtype))
     emb = torch.randn(batch, dim, PATCHES, generator=torch.Generator().manual_seed(batch)).to(device)
     emb += gaussian.mean.T
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fns = {"ours": lambda: sp.mahalanobis(emb, gaussian), "anchor": lambda: anomalib_distance(emb, mean, inv_cov)}
-    if role == "ours":  # both compute the same distances
+    if role == "ours":  # both compute the same distances (bfloat16 within its rounding)
         torch.testing.assert_close(fns["ours"](), fns["anchor"](), rtol=2e-3, atol=2e-3)
 
     def call():
@@ -81,26 +87,27 @@ def _run_case(benchmark, device, dim, batch, rounds, role):
         sync()
         return out
 
-    case = f"mahalanobis:P{PATCHES}-C{dim}-B{batch}" + ("-cuda" if device == "cuda" else "")
-    benchmark.group = case
-    info = _op_info(dim, batch)
+    anchor_case = f"mahalanobis:P{PATCHES}-C{dim}-B{batch}" + ("-cuda" if device == "cuda" else "")
+    case = anchor_case + ("-bf16factor" if factor_dtype == "bfloat16" else "")
+    benchmark.group = anchor_case
+    info = _op_info(dim, batch, gaussian.factor_packed.element_size())
     if role == "anchor":  # the full matrix: C^2 multiply-adds and 4 C^2 bytes per patch
         info = {"flops": 2.0 * PATCHES * batch * dim * dim, "bytes": 4.0 * PATCHES * dim * dim}
-    benchmark.extra_info.update(role=role, case=case, **info)
+    benchmark.extra_info.update(role=role, case=case, anchor_case=anchor_case, **info)
     benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("role", ["ours", "anchor"])
+@pytest.mark.parametrize("role,factor_dtype", ROLES, ids=[f"{r}-{f}" for r, f in ROLES])
 @pytest.mark.parametrize("dim,batch,rounds", CASES, ids=[f"C{c}-B{b}" for c, b, _ in CASES])
-def test_mahalanobis_cpu(benchmark, dim, batch, rounds, role):
-    _run_case(benchmark, "cpu", dim, batch, rounds, role)
+def test_mahalanobis_cpu(benchmark, dim, batch, rounds, role, factor_dtype):
+    _run_case(benchmark, "cpu", dim, batch, rounds, role, factor_dtype)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and the CUDA kernels")
-@pytest.mark.parametrize("role", ["ours", "anchor"])
+@pytest.mark.parametrize("role,factor_dtype", ROLES, ids=[f"{r}-{f}" for r, f in ROLES])
 @pytest.mark.parametrize("dim,batch,rounds", CUDA_CASES, ids=[f"C{c}-B{b}" for c, b, _ in CUDA_CASES])
-def test_mahalanobis_cuda(benchmark, dim, batch, rounds, role):
-    _run_case(benchmark, "cuda", dim, batch, rounds, role)
+def test_mahalanobis_cuda(benchmark, dim, batch, rounds, role, factor_dtype):
+    _run_case(benchmark, "cuda", dim, batch, rounds, role, factor_dtype)
 
 
 # ---- fit of 256 images -------------------------------------------------------------------

@@ -27,7 +27,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from stnpadim_ext.cli.experiment import ModelOptions, run_arms
+from stnpadim_ext.cli.experiment import run_arms
+from stnpadim_ext.cli.model_options import ModelOptions
 from stnpadim_ext.cli.parser import at_least, device
 from stnpadim_ext.data.mvtec import MVTEC_CATEGORIES, load_category
 from stnpadim_ext.data.synth import CATEGORIES as SYNTH_CATEGORIES

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stnpadim_ext.cli.experiment import AUGMENTED, ORACLE, PADIM, STN_PADIM, ModelOptions, run_arms
+from stnpadim_ext.cli.experiment import run_arms
+from stnpadim_ext.cli.model_options import AUGMENTED, ORACLE, PADIM, STN_PADIM, ModelOptions
 from stnpadim_ext.data.images import load_image
 from stnpadim_ext.data.mvtec import load_category
 from stnpadim_ext.data.synth import CATEGORIES as SYNTH

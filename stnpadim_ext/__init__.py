@@ -6,10 +6,8 @@
     scores, maps = model.predict(test_images)
     result = model.decide(test_images)       # .anomalous, .normalized_scores, .masks
 """
-import importlib
+from ._lazy import lazy_exports
 
-# Names load on first use (PEP 562), so that `stnpadim --help` and argument errors answer
-# without importing torch; `import stnpadim_ext` alone costs nothing.
 _EXPORTS = {
     "backend_info": "._backend",
     "affine_sample": ".ops.affine_sample",
@@ -27,15 +25,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'stnpadim_ext' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -39,10 +39,6 @@ COLORMAP = "jet"  # dark blue (normal) ... dark red (anomalous)
 # Heatmap colour range of a calibrated model, in units of its threshold: the same colour
 # means the same normalized score in every run; 1.0 (the boundary) is the middle, green.
 NORMALIZED_RANGE = (0.0, 2.0)
-# Longest side of a heatmap overlay (`score`'s files, `serve`'s answers): images beyond it
-# get a downscaled overlay (a 10000 px overlay at full size would need gigabytes for no
-# visible gain).
-HEATMAP_MAX_SIDE = 2048
 
 
 def _umask() -> int:

@@ -77,8 +77,9 @@ class PatchGaussian:
     """Fitted per-patch Gaussians: mean [P, C] and packed lower factor L of the precision.
 
     precision = L^T L (L is the inverse of the covariance's Cholesky factor), so the squared
-    distance is ||L (x - mean)||^2. Both tensors are float32; factor_packed holds row i of L
-    (columns 0..i) from offset i(i+1)/2, about half the size of a full inverse covariance.
+    distance is ||L (x - mean)||^2. mean is float32; factor_packed holds row i of L (columns
+    0..i) from offset i(i+1)/2, about half the size of a full inverse covariance, in float32
+    or bfloat16 (half the bytes for the distance kernels to read; see with_factor_dtype).
 
     Args:
         mean (Tensor[P, C]): per-patch means.
@@ -98,7 +99,7 @@ class PatchGaussian:
             raise InputError(f"PatchGaussian mean is on {mean.device} but factor_packed on "
                              f"{factor_packed.device}")
         self.mean = mean.float()
-        self.factor_packed = factor_packed.float()
+        self.factor_packed = factor_packed if factor_packed.dtype == torch.bfloat16 else factor_packed.float()
 
     @property
     def num_patches(self) -> int:
@@ -111,6 +112,13 @@ class PatchGaussian:
     def factor(self) -> torch.Tensor:
         """The unpacked lower factor, Tensor[P, C, C]."""
         return unpack_lower(self.factor_packed, self.dim)
+
+    def with_factor_dtype(self, dtype: torch.dtype) -> "PatchGaussian":
+        """This model with factor_packed in `dtype` (torch.float32 or torch.bfloat16, rounded
+        to nearest even); the mean is shared."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise InputError(f"factor dtype must be torch.float32 or torch.bfloat16; got {dtype}")
+        return PatchGaussian(self.mean, self.factor_packed.to(dtype))
 
     def to(self, device) -> "PatchGaussian":
         return PatchGaussian(self.mean.to(device), self.factor_packed.to(device))

@@ -23,6 +23,7 @@ from scipy import stats
 
 import stnpadim_ext.cli.experiment as experiment
 from stnpadim_ext.cli import main
+from stnpadim_ext.cli.model_options import ModelOptions
 from stnpadim_ext.data.mvtec import MVTEC_CATEGORIES, load_category
 from stnpadim_ext.models.padim import load
 from stnpadim_ext.models.padim.calibration import split_holdout
@@ -107,19 +108,25 @@ def test_module_entry_point_help():
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["bogus"]])
-def test_help_version_and_unknown_commands_answer_without_torch(argv):
+@pytest.mark.parametrize("argv, status", [
+    (["--help"], 0), (["--version"], 0), ([], 2), (["bogus"], 2), (["fit", "--help"], 0),
+    (["fit", "--data", "d", "--category", "c", "--out", "m", "--bogus"], 2),
+    (["synth", "--out", "x", "--image-size", "5"], 2), (["eval", "--data", "d", "--seeds", "0"], 2),
+    (["serve", "--model", "m", "--max-wait-ms", "1e9"], 2), (["export", "--model", "m"], 2)])
+def test_help_and_argument_errors_answer_without_torch(argv, status):
     """They must answer at once (torch takes seconds to import): nothing imports it."""
     code = ("import sys\nfrom stnpadim_ext.cli import main\ncode = main(sys.argv[1:])\n"
-            "print('torch' in sys.modules, 'numpy' in sys.modules, code)")
+            "print('torch' in sys.modules, code)")
     result = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.stdout.splitlines()[-1] == f"False False {2 if argv in ([], ['bogus']) else 0}", result
+    assert result.stdout.splitlines()[-1] == f"False {status}", result
     assert "Traceback" not in result.stderr
+    if status == 2:
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("stnpadim: error: ")
 
 
 def test_help_of_every_command_prints_percent_signs_once(capsys):
-    from stnpadim_ext.cli.commands import COMMANDS
+    from stnpadim_ext.cli.parser import COMMANDS
 
     for command in COMMANDS:
         assert main([command, "--help"]) == 0
@@ -747,7 +754,7 @@ def test_demo_end_to_end(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(demo, "DEMO_DATA", {"image_size": SIZE, "n_train": 8, "n_test_good": 3,
                                             "n_test_defect": 1, "n_calibration": 3})
-    monkeypatch.setattr(demo, "DEMO_OPTIONS", experiment.ModelOptions(
+    monkeypatch.setattr(demo, "DEMO_OPTIONS", ModelOptions(
         image_size=SIZE, accept_weak_stn=True, pose_views=16, false_reject_rate=0.25))
     quick = {"stn_epochs": 1, "stn_train": {"samples_per_epoch": 16, "batch_size": 8,
                                             "image_size": SIZE, "retries": 0}}

@@ -89,8 +89,9 @@ def _gaussian(patches, dim, seed):
 
 @pytest.mark.parametrize("dim", [1, 3, 8, 13, 24, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_mahalanobis_every_batch_size(capability, dim, dtype):
-    g = _gaussian(7, dim, dim)
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
+def test_mahalanobis_every_batch_size(capability, dim, dtype, factor_dtype):
+    g = _gaussian(7, dim, dim).with_factor_dtype(factor_dtype)  # the reference reads it widened
     emb = (torch.randn(97, dim, 7, dtype=torch.float64) * 2 + g.mean.T.double()).to(dtype)
     want = mahalanobis_reference(emb.double(), g)
     rtol, atol = tolerances.mahalanobis_tolerance(emb, g, want)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.spatial.distance
+import tolerances
 import torch
 
 import stnpadim_ext as sp
@@ -157,10 +158,35 @@ def test_op_checks_name_the_argument():
         op(emb[0], g.mean, g.factor_packed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_bfloat16_factor_is_read_widened_and_close_to_float32(dtype):
+    g = random_gaussian(70, 37, seed=11)
+    g16 = g.with_factor_dtype(torch.bfloat16)
+    assert g16.factor_packed.dtype == torch.bfloat16 and g16.mean is g.mean
+    assert g16.factor_packed.element_size() * 2 == g.factor_packed.element_size()
+    for batch in (1, 9, 33):
+        emb = (torch.randn(batch, 37, 70, dtype=torch.float64) * 2 + g.mean.T).to(dtype)
+        got = sp.mahalanobis(emb, g16)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        # Exactly the widened factor's distances, as float32 (or float64) computes them ...
+        want = mahalanobis_reference(emb.double(), g16)
+        rtol, atol = tolerances.mahalanobis_tolerance(emb, g16, want)
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+        # ... and within bfloat16's rounding (2^-9 per element, averaging out) of float32's.
+        exact = mahalanobis_reference(emb.double(), g)
+        assert ((got.double() - exact).abs() / exact).max() < 2**-8
+
+
+def test_factor_dtype_other_than_float32_or_bfloat16_is_refused():
+    with pytest.raises(sp.InputError, match="torch.float32 or torch.bfloat16"):
+        random_gaussian(3, 4).with_factor_dtype(torch.float16)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    g = random_gaussian(5, 6, seed=9)
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype, factor_dtype):
+    g = random_gaussian(5, 6, seed=9).with_factor_dtype(factor_dtype)
     for emb in (torch.randn(3, 6, 5, dtype=dtype), torch.randn(6, 3, 5, dtype=dtype).transpose(0, 1)):
         torch.library.opcheck(torch.ops.stnpadim.mahalanobis.default, (emb, g.mean, g.factor_packed))
 
@@ -170,14 +196,15 @@ def test_opcheck(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
     for batch, dim, patches in [(1, 3, 5), (9, 37, 11), (33, 100, 7), (8, 550, 3)]:
-        g = random_gaussian(patches, dim, seed=batch + dim)
-        emb = (torch.randn(batch, dim, patches) * 2 + g.mean.T).to(dtype)
-        want = mahalanobis_reference(emb.double(), g)
-        got = sp.mahalanobis(emb.cuda()[:, :, :], g.to("cuda")).cpu()
-        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-        strided = emb.cuda().permute(2, 0, 1).contiguous().permute(1, 2, 0)
-        torch.testing.assert_close(sp.mahalanobis(strided, g.to("cuda")).cpu(), got)
+        g32 = random_gaussian(patches, dim, seed=batch + dim)
+        emb = (torch.randn(batch, dim, patches) * 2 + g32.mean.T).to(dtype)
+        for g in (g32, g32.with_factor_dtype(torch.bfloat16)):
+            want = mahalanobis_reference(emb.double(), g)
+            got = sp.mahalanobis(emb.cuda()[:, :, :], g.to("cuda")).cpu()
+            assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+            strided = emb.cuda().permute(2, 0, 1).contiguous().permute(1, 2, 0)
+            torch.testing.assert_close(sp.mahalanobis(strided, g.to("cuda")).cpu(), got)
 
 
 DEVICES = [pytest.param("cpu", marks=needs_kernel), pytest.param("cuda", marks=[needs_cuda, pytest.mark.cuda])]

@@ -152,7 +152,9 @@ def _smooth_images(n, size=96):
                          align_corners=False).clamp(0, 1)
 
 
-def test_stn_maps_are_warped_back_to_the_input_frame():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stn_maps_are_warped_back_to_the_input_frame(seed):
+    torch.manual_seed(seed)
     plain = PaDiM(image_size=96, progress=False).fit(_smooth_images(16))
     x = _smooth_images(1)
     x[:, :, 20:34, 58:72] = 1.0                  # one off-centre blob: the map is asymmetric
@@ -178,7 +180,14 @@ def test_stn_maps_are_warped_back_to_the_input_frame():
 
     blob = torch.nonzero(drifted[0, 0] > 0.9).float().mean(0)
     assert torch.dist(peak(back[0]), blob) < 5, (peak(back[0]), blob)
-    assert torch.dist(peak(aligned_map[0]), blob) > 8
+    # The aligned frame has the blob ~12 px away, and its map is hotter there than at the
+    # input frame's blob position.
+    aligned_blob = torch.nonzero(stn(drifted)[0][0, 0] > 0.9).float().mean(0)
+    assert torch.dist(aligned_blob, blob) > 8
+    def at(m, point):
+        return m[int(point[0].round()), int(point[1].round())]
+
+    assert at(aligned_map[0], aligned_blob) > at(aligned_map[0], blob)
 
 
 def test_stn_model_save_load_round_trip(tmp_path):
@@ -281,6 +290,24 @@ def test_save_load_round_trip_gives_identical_scores(small_model, tmp_path):
     assert torch.equal(scores, scores3) and torch.equal(maps, maps3)
     scores4, _ = score(small_model, x)
     assert torch.equal(scores, scores4)
+
+
+def test_bfloat16_factor_scores_close_to_float32_and_saves_float32(small_model, tmp_path):
+    x = torch.rand(5, 3, 64, 64)
+    path = small_model.save(tmp_path / "model.padim")
+    scores, maps = small_model.predict(x)
+    model = load(path, factor_dtype="bfloat16")
+    scores16, maps16 = model.predict(x)
+    assert not torch.equal(maps, maps16)  # the rounded factor is what the distances read
+    # bfloat16 keeps 8 bits: 2^-9 relative per factor element, averaging out over C.
+    assert ((maps16 - maps).abs() / maps).max() < 2**-8
+    assert model.gaussian.factor_packed.dtype == torch.float32
+    model.save(tmp_path / "again.padim")
+    assert torch.equal(load(tmp_path / "again.padim").predict(x)[1], maps)  # nothing was lost
+    model.factor_dtype = "float32"
+    assert torch.equal(model.predict(x)[1], maps)
+    with pytest.raises(InputError, match="factor_dtype must be one of float32, bfloat16; got 'float16'"):
+        PaDiM(image_size=64, factor_dtype="float16", progress=False)
 
 
 def test_interrupted_save_keeps_the_old_file(small_model, tmp_path, monkeypatch):

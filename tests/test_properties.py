@@ -158,9 +158,9 @@ def emb_layout(base: torch.Tensor, name: str, batch: int, dim: int, hw) -> torch
        dim=st.one_of(st.integers(1, 20), st.integers(21, 90)), h=st.integers(1, 7), w=st.integers(1, 7),
        chunks=st.integers(1, 4), spread=st.floats(0.1, 30.0), offset=st.floats(-100.0, 100.0),
        eps=st.sampled_from([0.01, 0.1, 1.0]), capability=st.sampled_from(CAPABILITIES),
-       seed=st.integers(0, 2**31 - 1))
+       factor_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
 def test_gaussian_stats_and_mahalanobis_match_float64(device, dtype, layout_name, batch, dim, h, w, chunks,
-                                                      spread, offset, eps, capability, seed):
+                                                      spread, offset, eps, capability, factor_dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     patches = h * w
     # Training embeddings: correlated channels around a large offset (Chan's update must
@@ -192,6 +192,9 @@ def test_gaussian_stats_and_mahalanobis_match_float64(device, dtype, layout_name
     cond = torch.linalg.cond(cov + eps * torch.eye(dim, dtype=torch.float64, device=cov.device)).max().item()
     prec_err = (factor.transpose(1, 2) @ factor - precision).abs().max().item()
     assert prec_err <= 8 * dim * tolerances.unit_roundoff(torch.float32) * cond * precision.abs().max().item()
+    # A bfloat16 factor is read widened, exactly: the truth below uses the same rounded factor.
+    gaussian = gaussian.with_factor_dtype(factor_dtype)
+    factor = gaussian.factor().double()
 
     base_shape = (1 if layout_name == "expanded" else batch, dim,
                   2 * h if layout_name == "sliced" else h, 2 * w if layout_name == "sliced" else w)

@@ -13,13 +13,15 @@ the run with exit status 2 and one line `stnpadim: error: <file>: <problem>` on 
 """
 from __future__ import annotations
 
+import importlib
+import os
 import signal
 import sys
 import threading
 import warnings
 
 from ..errors import InputError
-from .commands import COMMANDS, command_parser, requested_command
+from .parser import COMMANDS, build_parser
 
 __all__ = ["main"]
 
@@ -35,24 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     _tolerate_odd_names(sys.stdout)
     previous = _on_sigterm(_terminate)
     try:
-        command = requested_command(argv)
-        if command is None:  # help, version or no/unknown command: no torch needed
-            parser = command_parser()
-        else:
-            if command == "demo":  # its first output would wait for torch and the models
-                print("demo: loading PyTorch ...", flush=True)
-            from .parser import build_parser
-            from .ranks import run_command
-
-            parser = build_parser()
-        try:
-            args = parser.parse_args(argv)
+        try:  # no torch yet: help and argument mistakes answer at once
+            args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
             raise InputError(f"choose a command: {', '.join(COMMANDS)} (stnpadim --help)")
         if args.progress is None:
             args.progress = sys.stderr.isatty()
+        if args.command == "demo":  # its first output would wait for torch and the models
+            print("demo: loading PyTorch ...", flush=True)
+        from .ranks import run_command
+
+        args.run = importlib.import_module(f"{__name__}.{args.module}").run
         with warnings.catch_warnings():
             warnings.showwarning = _warn
             return run_command(args)  # in this process, or as a rank under torchrun
@@ -96,9 +93,10 @@ def _warn(message, *_args, **_kwargs) -> None:
 
 
 def _fail(message: str) -> int:
-    ranks = sys.modules.get(f"{__name__}.ranks")  # loaded once a command runs, not for --help
-    if ranks is not None:
-        ranks.fail_together(message)  # under torchrun: rank 0 says it, every rank exits 2 (no return)
+    if "RANK" in os.environ:  # maybe a torchrun rank (checked without torch otherwise)
+        from .ranks import fail_together
+
+        fail_together(message)  # under torchrun: rank 0 says it, every rank exits 2 (no return)
     line = " ".join(message.split())  # one line, whatever the message held
     print(f"stnpadim: error: {line}", file=sys.stderr)
     return 2

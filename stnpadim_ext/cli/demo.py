@@ -26,10 +26,9 @@ from ..report import (
     write_text,
 )
 from ..report_html import HtmlReport
-from .commands import COMMANDS
-from .experiment import ModelOptions, Predictions, run_arms
+from .experiment import Predictions, run_arms
+from .model_options import ModelOptions
 from .outputs import check_outputs, check_writable_folder
-from .parser import add_force_option, at_least
 from .reporting import add_predictions, false_reject_warning, results_document
 
 # A texture, an aligned part, a part whose test images drift in pose and a part in random
@@ -54,22 +53,6 @@ STN_BUDGET = {"reconstruct": {"stn_epochs": 12, "stn_train": {"samples_per_epoch
 HEATMAPS_PER_CATEGORY = 3  # two defective test images and one good one
 CAPTION_HEIGHT = 14  # px of the label strip above each panel
 
-
-def register(commands, common) -> None:
-    parser = commands.add_parser(
-        "demo", parents=[common], help=COMMANDS["demo"],
-        description="Writes a small synthetic data set (a texture, an aligned part, a part "
-                    "whose test images drift in pose, a part in random poses), fits PaDiM, "
-                    "PaDiM on pose-augmented images, STN+PaDiM and the oracle (aligned by the "
-                    "true poses) with efficientnet_lite0, prints the comparison and decision "
-                    "tables and writes heatmaps and an HTML report (report/index.html). "
-                    "Offline; the same seed gives the same tables.")
-    parser.add_argument("--out", default="stnpadim_demo", metavar="DIR",
-                        help="folder for table.md, results.json, heatmaps/ and report/ "
-                             "(default: ./stnpadim_demo)")
-    parser.add_argument("--seed", type=at_least(0), default=0, help="data and model seed (default: 0)")
-    add_force_option(parser)
-    parser.set_defaults(run=run)
 
 
 # Small-model work throughout (128 px, 48 images, a tiny STN): one thread is nearly as fast

@@ -20,43 +20,11 @@ from ..errors import InputError
 from ..models.padim import load
 from ..report import DECISION_METRICS, markdown_table, summarize, summarize_runs, write_json, write_text
 from ..report_html import HtmlReport
-from .commands import COMMANDS
-from .experiment import ModelOptions, run_arms, run_category
+from .experiment import run_arms, run_category
+from .model_options import ModelOptions
 from .outputs import category_inputs, check_outputs, check_writable_folder
-from .parser import MODEL_OPTIONS, add_force_option, add_model_options, add_run_options, at_least
+from .parser import MODEL_OPTIONS
 from .reporting import add_predictions, false_reject_warning, results_document
-
-
-def register(commands, common) -> None:
-    parser = commands.add_parser(
-        "eval", parents=[common], help=COMMANDS["eval"],
-        description="Fits and calibrates a model per category (or takes --model) and reports "
-                    "image AUROC, pixel AUROC, AUPRO and image F1, then the false-reject rate, "
-                    "miss rate, precision, recall and F1 at the calibrated threshold, as "
-                    "markdown tables. With an STN, the baselines a user would try instead are "
-                    "fitted beside it: plain PaDiM, PaDiM on pose-augmented images and, where "
-                    "the data records true poses (stnpadim synth), the oracle aligned by them. "
-                    "A category's calibration/good folder, when present, sets the thresholds.")
-    parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
-    parser.add_argument("--category", nargs="+", metavar="C",
-                        help="categories (default: every folder of ROOT with train/good)")
-    parser.add_argument("--model", metavar="MODEL",
-                        help="evaluate this model file (one category) instead of fitting")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--table", metavar="FILE", help="write the markdown tables")
-    parser.add_argument("--report", metavar="DIR",
-                        help="write an HTML report (DIR/index.html: curves, histograms, gallery)")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="with an STN, skip the baseline columns (PaDiM, PaDiM on "
-                             "pose-augmented images, oracle)")
-    parser.add_argument("--seeds", type=at_least(1), default=1, metavar="N",
-                        help="fit and evaluate with N seeds (--seed, --seed + 1, ...) and report "
-                             "mean, sd (<name>_sd) and 95%% t-interval over the seeds "
-                             "(<name>_ci95) of each metric (default: 1)")
-    add_model_options(parser)
-    add_run_options(parser)
-    add_force_option(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:

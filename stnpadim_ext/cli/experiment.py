@@ -12,7 +12,7 @@ fitted with the same backbone, channel subset, calibration split and seed:
   PaDiM on the same posed views aligned by their true pose, and test images aligned by
   theirs: a perfect STN, the ceiling of alignment.
 
-The three pose arms fit on the same views (ModelOptions.views: as many as the STN's first
+The three pose arms fit on the same views (_n_views: as many as the STN's first
 try trains on, up to MAX_VIEWS) and are calibrated on the same held-out images in the same
 random poses (PaDiM.calibrate with pose_ranges): they differ only in how they align. The
 STN's gain is quoted over the better of PaDiM and PaDiM+aug, run by run.
@@ -20,7 +20,7 @@ STN's gain is quoted over the better of PaDiM and PaDiM+aug, run by run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -36,84 +36,13 @@ from ..models.padim.calibration import split_holdout
 from ..models.stn import DEFAULT_RANGES, STN, train_stn
 from ..models.stn.poses import RANGE_KEYS, posed_batches
 from ..models.stn.train import DEFAULT_EPOCHS
+from .model_options import AUGMENTED, ORACLE, PADIM, STN_PADIM, ModelOptions
 
-# Column labels of the arms, in table order.
-PADIM, AUGMENTED, STN_PADIM, ORACLE = "PaDiM", "PaDiM+aug", "STN+PaDiM", "oracle"
-# Their keys in results JSON beside the STN arm, which stays at the top level (DESIGN.md).
-JSON_KEYS = {PADIM: "baseline", AUGMENTED: "augmented", ORACLE: "oracle"}
 # Per-run gain of the STN over the better non-oracle baseline, for these metrics.
 GAIN_METRICS = ("image_auroc", "pixel_auroc")
 # Most posed views the pose arms are fitted on: each costs a backbone pass, and PaDiM's
 # Gaussians stop changing long before the canonical STN's 10240 training views.
 MAX_VIEWS = 4096
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """How a model is built and fitted (the `fit` options of the CLI).
-
-    Attributes:
-        backbone: PaDiM backbone name.
-        weights: backbone state-dict file, or None for the default weights.
-        stn: "reconstruct", "canonical" or "none" (plain PaDiM).
-        stn_epochs: maximum STN training epochs, None for train_stn's default.
-        stn_symmetry: the part's rotational symmetry order (train_stn's `symmetry`).
-        accept_weak_stn: keep an STN that fails train_stn's check (with a warning)
-            instead of stopping with WeakSTNError.
-        image_size: square side images are resized to.
-        center_crop: optional centre crop side after the resize.
-        n_features: embedding channels, None for the backbone's default.
-        seed: seeds the channel subset, the calibration hold-out and its poses, the STN's
-            initial weights and its training, and PaDiM+aug's views.
-        batch_size: images per forward pass.
-        device: torch device string, None for the default.
-        stn_train: further train_stn keyword arguments (e.g. samples_per_epoch, rotation).
-        false_reject_rate: target false-reject rate of the calibrated threshold.
-        pose_views: posed views the pose arms (and a fitted STN+PaDiM) fit on; None: as
-            many as the STN's first try trains on (epochs x samples_per_epoch), up to
-            MAX_VIEWS.
-    """
-
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    stn: str = "reconstruct"
-    stn_epochs: int | None = None
-    stn_symmetry: int = 1
-    accept_weak_stn: bool = False
-    image_size: int = 256
-    center_crop: int | None = None
-    n_features: int | None = None
-    seed: int = 0
-    batch_size: int = 32
-    device: str | None = None
-    stn_train: dict = field(default_factory=dict)
-    false_reject_rate: float = 0.01
-    pose_views: int | None = None
-
-    @classmethod
-    def from_args(cls, args) -> "ModelOptions":
-        """Options from parsed CLI arguments: attributes named like the fields; None (not
-        given) keeps the default."""
-        given = {k: getattr(args, k, None) for k in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in given.items() if v is not None})
-
-    @property
-    def label(self) -> str:
-        """Column label: "PaDiM" or "STN+PaDiM"."""
-        return PADIM if self.stn == "none" else STN_PADIM
-
-    @property
-    def pose_ranges(self) -> dict:
-        """The STN's training ranges (rotation, translation, scale): its declared pose range."""
-        return {k: float(self.stn_train.get(k, DEFAULT_RANGES[self.stn][k])) for k in RANGE_KEYS}
-
-    @property
-    def views(self) -> int:
-        """Posed views the pose arms fit on (pose_views, or the STN's first-try budget, capped)."""
-        if self.pose_views is not None:
-            return self.pose_views
-        epochs = self.stn_epochs or DEFAULT_EPOCHS[self.stn]
-        return min(MAX_VIEWS, epochs * self.stn_train.get("samples_per_epoch", 512))
 
 
 @dataclass
@@ -145,7 +74,7 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
     The backbone is built first, so missing weights are reported before any training.
     Without calibration_paths a seeded share of train_paths is held out (split_holdout):
     neither the STN nor the Gaussians see it; it only sets the threshold. Behind an STN the
-    Gaussians are fitted on options.views views (at least one per image) of the training
+    Gaussians are fitted on _n_views posed views (at least one per image) of the training
     images in random poses of the STN's declared range, as the STN aligns them, and the
     held-out images are scored in such poses too (PaDiM.fit / calibrate with pose_ranges):
     test parts are expected to arrive in any pose of that range. A given calibration folder holds real line images:
@@ -181,8 +110,18 @@ def fit_model(train_paths, options: ModelOptions, progress: bool = True,
 
 
 def _n_views(options: ModelOptions, train_paths) -> int:
-    """Posed views a pose arm fits on: options.views, at least one per training image."""
-    return max(options.views, len(train_paths))
+    """Posed views a pose arm fits on: options.pose_views, else the STN's first-try budget
+    (epochs x samples per epoch) up to MAX_VIEWS; at least one per training image."""
+    views = options.pose_views
+    if views is None:
+        epochs = options.stn_epochs or DEFAULT_EPOCHS[options.stn]
+        views = min(MAX_VIEWS, epochs * options.stn_train.get("samples_per_epoch", 512))
+    return max(views, len(train_paths))
+
+
+def pose_ranges(options: ModelOptions) -> dict:
+    """The STN's training ranges (rotation, translation, scale): its declared pose range."""
+    return {k: float(options.stn_train.get(k, DEFAULT_RANGES[options.stn][k])) for k in RANGE_KEYS}
 
 
 def _train_stn(stn: STN, train_paths, options: ModelOptions, progress: bool) -> dict:
@@ -210,8 +149,8 @@ def _train_stn(stn: STN, train_paths, options: ModelOptions, progress: bool) -> 
 
 def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: dict | None = None,
               calibration_paths=None) -> tuple[PaDiM, dict]:
-    """A pose arm without an STN: plain PaDiM fitted on options.views views (at least one per
-    image) of the training images in random poses of the STN's ranges (options.pose_ranges)
+    """A pose arm without an STN: plain PaDiM fitted on _n_views posed views (at least one per
+    image) of the training images in random poses of the STN's ranges (pose_ranges)
     and calibrated like fit_model's STN arm (the held-out images in random poses of the same ranges, or the
     given line images as they are): PaDiM+aug, or with the images' true `poses` ({path:
     theta}) aligning every view and image, the oracle.
@@ -222,7 +161,7 @@ def fit_posed(train_paths, options: ModelOptions, progress: bool = True, poses: 
     _check_enough(train_paths)
     start = time.perf_counter()
     model = _padim(replace(options, stn="none"), None, progress)
-    ranges = options.pose_ranges
+    ranges = pose_ranges(options)
     calibration_ranges = None
     if calibration_paths is None:
         train_paths, calibration_paths = split_holdout(train_paths, seed=options.seed)

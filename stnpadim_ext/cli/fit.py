@@ -6,32 +6,9 @@ from pathlib import Path
 from .. import distributed
 from ..data.images import list_images
 from ..data.mvtec import load_category
-from .commands import COMMANDS
-from .experiment import ModelOptions, fit_model
+from .experiment import fit_model
+from .model_options import ModelOptions
 from .outputs import category_inputs, check_outputs
-from .parser import add_force_option, add_model_options, add_run_options
-
-
-def register(commands, common) -> None:
-    parser = commands.add_parser(
-        "fit", parents=[common], help=COMMANDS["fit"],
-        description="Fits PaDiM (behind a self-supervised STN unless --stn none) on "
-                    "ROOT/CATEGORY/train/good and writes the model file. The anomaly threshold "
-                    "is calibrated on --calibration DIR, else on ROOT/CATEGORY/calibration/good "
-                    "when it exists (good images from the line), else on a seeded share of the "
-                    "training images held out from fitting (10%, at least 20 when a quarter of "
-                    "them is that many), which behind an STN are scored in random poses of its "
-                    "training range.")
-    parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
-    parser.add_argument("--category", required=True, metavar="C", help="category folder name")
-    parser.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
-    parser.add_argument("--calibration", metavar="DIR",
-                        help="folder of good images from the line that sets the threshold "
-                             "(then every training image is used for fitting)")
-    add_model_options(parser)
-    add_run_options(parser)
-    add_force_option(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:

@@ -6,7 +6,8 @@ import torch
 from ..data.images import iter_batches, resize
 from ..models.padim import PaDiM
 from ..report_html import HtmlReport, thumb_size
-from .experiment import JSON_KEYS, Predictions
+from .experiment import Predictions
+from .model_options import JSON_KEYS
 
 
 def aligned_views(model: PaDiM, paths: list) -> torch.Tensor | None:

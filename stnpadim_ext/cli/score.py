@@ -16,44 +16,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..catalog import HEATMAP_MAX_SIDE
 from ..data.images import IMAGE_SUFFIXES, iter_batches, load_image
 from ..data.mvtec import OS_CLUTTER
 from ..distributed.shards import reassemble, reassemble_tensors, share_indices
 from ..errors import InputError
 from ..models.padim import load
-from ..report import HEATMAP_MAX_SIDE, heat_range, heatmap_overlay, staged_folder, write_image, write_scores_csv
+from ..report import heat_range, heatmap_overlay, staged_folder, write_image, write_scores_csv
 from ..report_html import HtmlReport
-from .commands import COMMANDS
-from .experiment import ModelOptions
+from .model_options import ModelOptions
 from .outputs import check_outputs, check_writable_folder
-from .parser import add_force_option, add_run_options, positive_float
 from .reporting import aligned_views
-
-
-def register(commands, common) -> None:
-    parser = commands.add_parser(
-        "score", parents=[common], help=COMMANDS["score"],
-        description="Scores images (files, or every image in the given folders and their "
-                    "sub-folders; other files there are skipped with a note) and writes "
-                    "one heatmap overlay PNG per image (longest side at most "
-                    f"{HEATMAP_MAX_SIDE} px) and scores.csv (image, score, normalized_score, "
-                    "anomalous, heatmap) to --out. normalized_score is score / the model's "
-                    "calibrated threshold; above 1 is anomalous.")
-    parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
-    parser.add_argument("--out", default="stnpadim_scores", metavar="DIR",
-                        help="output folder (default: ./stnpadim_scores)")
-    parser.add_argument("--vmax", type=positive_float, default=None,
-                        help="anomaly value shown in the hottest colour (default: twice the "
-                             "model's threshold; for an uncalibrated model, the highest value "
-                             "over all scored images)")
-    parser.add_argument("--masks", action="store_true",
-                        help="also write <name>_mask.png: the defect region (map > threshold)")
-    parser.add_argument("--report", metavar="DIR",
-                        help="write an HTML report (DIR/index.html: histogram, gallery)")
-    add_run_options(parser)
-    add_force_option(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:
@@ -63,7 +36,8 @@ def run(args) -> int:
     # Checked before any work, under torchrun once (rank 0) before any rank works.
     distributed.on_main(_check_outputs, args, out, names, paths)
     options = ModelOptions.from_args(args)
-    model = load(args.model, device=options.device, batch_size=options.batch_size, progress=False)
+    model = load(args.model, device=options.device, batch_size=options.batch_size,
+                 factor_dtype=args.factor_dtype, progress=False)
     threshold = model.threshold
     if args.masks and threshold is None:
         raise InputError(f"{args.model}: --masks needs a calibrated model (refit it with this version)")

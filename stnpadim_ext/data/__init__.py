@@ -1,18 +1,11 @@
 """Image input handling, MVTec-format datasets and the synthetic generator."""
-from .images import iter_batches, list_images, load_image
-from .mvtec import (
-                    MVTEC_CATEGORIES,
-                    MVTEC_TEXTURES,
-                    Category,
-                    TestItem,
-                    TestSet,
-                    list_categories,
-                    load_category,
-                    load_mask,
-)
-from .synth import CATEGORIES, DEFECTS, POSE_MODES, make_dataset
+from .._lazy import lazy_exports
 
-__all__ = ["iter_batches", "list_images", "load_image",
-           "MVTEC_CATEGORIES", "MVTEC_TEXTURES", "Category", "TestItem", "TestSet",
-           "list_categories", "load_category", "load_mask",
-           "CATEGORIES", "DEFECTS", "POSE_MODES", "make_dataset"]
+_EXPORTS = {
+    **dict.fromkeys(["iter_batches", "list_images", "load_image"], ".images"),
+    **dict.fromkeys(["MVTEC_CATEGORIES", "MVTEC_TEXTURES", "Category", "TestItem", "TestSet",
+                     "list_categories", "load_category", "load_mask"], ".mvtec"),
+    **dict.fromkeys(["CATEGORIES", "DEFECTS", "POSE_MODES", "make_dataset"], ".synth"),
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..catalog import BACKBONE_NAMES
 from ..errors import InputError
 
 # Input normalisation, per backbone: (x - mean) / std for x in [0, 1]. torchvision's
@@ -352,11 +353,7 @@ def _finish(module: Backbone, name: str, pretrained: bool, weights) -> Backbone:
     return module.requires_grad_(False)
 
 
-BACKBONES = {
-    "efficientnet_lite0": efficientnet_lite0,
-    "resnet18": resnet18,
-    "wide_resnet50_2": wide_resnet50_2,
-}
+BACKBONES = dict(zip(BACKBONE_NAMES, (efficientnet_lite0, resnet18, wide_resnet50_2), strict=True))
 
 
 def build_backbone(name: str, pretrained: bool = True, weights=None) -> Backbone:

@@ -66,11 +66,12 @@ def mahalanobis(emb: torch.Tensor, gaussian) -> torch.Tensor:
     Args:
         emb (Tensor[B, C, H, W] or Tensor[B, C, P]): embeddings, any strides; float32,
             float64, float16 or bfloat16.
-        gaussian (PatchGaussian): the fitted model (mean [P, C], packed precision factor).
+        gaussian (PatchGaussian): the fitted model (mean [P, C], packed precision factor in
+            float32 or bfloat16).
 
     Returns:
         Tensor[B, P]: distances (not squared), float64 for float64 input, else float32
-        (accumulated in float32).
+        (accumulated in float32; a bfloat16 factor is widened exactly as it is read).
 
     Example:
         >>> g = sp.GaussianStats(P, C).update(train_emb).finalize()
@@ -90,8 +91,8 @@ if _backend.HAS_EXT and hasattr(torch.ops.stnpadim, "mahalanobis"):
         torch._check(emb.dtype.is_floating_point, lambda: f"emb must be floating-point, got {emb.dtype}")
         batch, channels, patches = emb.shape
         torch._check(mean.dtype == torch.float32, lambda: f"mean must be float32, got {mean.dtype}")
-        torch._check(factor_packed.dtype == torch.float32,
-                     lambda: f"factor_packed must be float32, got {factor_packed.dtype}")
+        torch._check(factor_packed.dtype in (torch.float32, torch.bfloat16),
+                     lambda: f"factor_packed must be float32 or bfloat16, got {factor_packed.dtype}")
         torch._check(tuple(mean.shape) == (patches, channels),
                      lambda: f"mean must have shape [P, C] = [{patches}, {channels}], got {tuple(mean.shape)}")
         torch._check(tuple(factor_packed.shape) == (patches, channels * (channels + 1) // 2),

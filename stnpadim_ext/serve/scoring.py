@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ..catalog import HEATMAP_MAX_SIDE
 from ..data.images import assemble, decode_image, load_image
 from ..models.padim import PaDiM, load
-from ..report import HEATMAP_MAX_SIDE, encode_png, heat_range, heatmap_overlay
+from ..report import encode_png, heat_range, heatmap_overlay
 
 # How error messages name an upload ("request body: not a readable image (...)").
 BODY = "request body"

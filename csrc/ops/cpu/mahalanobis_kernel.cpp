@@ -7,6 +7,9 @@
 // runs over a panel before the next is read: a patch's factor is read from memory once,
 // whatever the batch (C = 550: 605 KB per patch, more than a core's L2).
 //
+// A bfloat16 factor is widened to float32 as it is read (exactly: the upper half of a float),
+// halving the bytes per patch, which is what bounds the time of small batches.
+//
 // Compiled once per instruction-set variant (cpu_capability.h), with vector and tile
 // widths that follow it, in GCC vector extensions:
 //  * tile_rows: vector lanes run over the batch; a block of rows shares each load of d[j]
@@ -60,10 +63,12 @@ STNPADIM_INLINE V load(const T* ptr) {
 }
 
 // Adds to sq[0 .. lanes) the squares of rows [r0, r1) for one batch tile of kVecs vectors
-// of kBytes: d is [dim][lanes] (zero-padded lanes), lanes = kVecs * kBytes / sizeof(acc_t).
+// of kBytes: d is [dim][lanes] (zero-padded lanes), lanes = kVecs * kBytes / sizeof(acc_t);
+// panel holds the packed float32 rows r0 .. r1 - 1, row r0 first.
 // kRows rows share each load of d[j]; the rows past the last full block go one by one.
 template <typename acc_t, int kBytes, int kVecs, int kRows>
-STNPADIM_INLINE void tile_rows(const float* factor, const acc_t* d, int64_t r0, int64_t r1, acc_t* sq_out) {
+STNPADIM_INLINE void tile_rows(const float* panel, const acc_t* d, int64_t r0, int64_t r1, acc_t* sq_out) {
+  const int64_t base = packed_row_offset(r0);
   using V = typename Vec<acc_t, kBytes>::type;
   constexpr int64_t kLanes = kBytes / sizeof(acc_t);
   constexpr int64_t kStride = kVecs * kLanes;
@@ -76,14 +81,14 @@ STNPADIM_INLINE void tile_rows(const float* factor, const acc_t* d, int64_t r0, 
     const float* rows[kRows];
     V acc[kRows][kVecs];
     for (int r = 0; r < kRows; ++r) {
-      rows[r] = factor + packed_row_offset(i0 + r);
+      rows[r] = panel + (packed_row_offset(i0 + r) - base);
       for (int v = 0; v < kVecs; ++v) {
         acc[r][v] = V{};
       }
     }
     // The block's rows are interleaved streams the hardware prefetcher follows poorly, so
     // fetch the next block's rows (contiguous after these) while this one computes.
-    const float* next = factor + packed_row_offset(i0 + kRows);
+    const float* next = panel + (packed_row_offset(i0 + kRows) - base);
     for (int64_t j = 0; j <= i0; ++j) {
       __builtin_prefetch(next + kRows * j);
       V x[kVecs];
@@ -113,7 +118,7 @@ STNPADIM_INLINE void tile_rows(const float* factor, const acc_t* d, int64_t r0, 
     }
   }
   for (; i0 < r1; ++i0) {
-    const float* row = factor + packed_row_offset(i0);
+    const float* row = panel + (packed_row_offset(i0) - base);
     V acc[kVecs];
     for (int v = 0; v < kVecs; ++v) {
       acc[v] = V{};
@@ -147,15 +152,33 @@ STNPADIM_INLINE T hsum(typename Vec<T, kBytes>::type v) {
   }
 }
 
+// kLanes factor elements from ptr, as a vector V of the accumulator type. bfloat16 is the
+// upper half of a float32: widened by a shift, exactly.
+template <typename V, int64_t kLanes>
+STNPADIM_INLINE V load_factor(const float* ptr) {
+  using F = typename Vec<float, kLanes * sizeof(float)>::type;
+  return __builtin_convertvector(load<F>(ptr), V);
+}
+
+template <typename V, int64_t kLanes>
+STNPADIM_INLINE V load_factor(const c10::BFloat16* ptr) {
+  using H = typename Vec<uint16_t, kLanes * sizeof(uint16_t)>::type;
+  using U = typename Vec<uint32_t, kLanes * sizeof(uint32_t)>::type;
+  using F = typename Vec<float, kLanes * sizeof(float)>::type;
+  const U bits = __builtin_convertvector(load<H>(ptr), U) << 16;
+  F f;
+  std::memcpy(&f, &bits, sizeof(F));
+  return __builtin_convertvector(f, V);
+}
+
 // Adds to *sq_out the squares of rows [r0, r1) for one batch element: d is [dim]
 // contiguous, readable (any value) for a vector's lanes past its end. factor_end bounds
 // reads of the factor.
-template <typename acc_t, int kBytes>
-STNPADIM_INLINE void single_rows(const float* factor, const acc_t* d, int64_t r0, int64_t r1,
-                                 const float* factor_end, acc_t* sq_out) {
+template <typename acc_t, int kBytes, typename factor_t>
+STNPADIM_INLINE void single_rows(const factor_t* factor, const acc_t* d, int64_t r0, int64_t r1,
+                                 const factor_t* factor_end, acc_t* sq_out) {
   using V = typename Vec<acc_t, kBytes>::type;
   constexpr int64_t kLanes = kBytes / sizeof(acc_t);
-  using F = typename Vec<float, kLanes * sizeof(float)>::type;  // floats filling one V
   using Index = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
   using I = typename Vec<Index, kBytes>::type;
   I lane;
@@ -164,23 +187,23 @@ STNPADIM_INLINE void single_rows(const float* factor, const acc_t* d, int64_t r0
   }
   acc_t sq = *sq_out;
   for (int64_t i = r0; i < r1; ++i) {
-    const float* row = factor + packed_row_offset(i);
+    const factor_t* row = factor + packed_row_offset(i);
     const int64_t len = i + 1;
     V a0 = {}, a1 = {};  // two chains hide the FMA latency
     int64_t j = 0;
     for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
-      a0 += __builtin_convertvector(load<F>(row + j), V) * load<V>(d + j);
-      a1 += __builtin_convertvector(load<F>(row + j + kLanes), V) * load<V>(d + j + kLanes);
+      a0 += load_factor<V, kLanes>(row + j) * load<V>(d + j);
+      a1 += load_factor<V, kLanes>(row + j + kLanes) * load<V>(d + j + kLanes);
     }
     if (j + kLanes <= len) {
-      a0 += __builtin_convertvector(load<F>(row + j), V) * load<V>(d + j);
+      a0 += load_factor<V, kLanes>(row + j) * load<V>(d + j);
       j += kLanes;
     }
     acc_t y = 0;
     if (j < len && row + j + kLanes <= factor_end) {
       // The tail as one full vector: lanes past the row (the next row's factor, d past
       // the row) are selected away, not multiplied by zero, so no NaN can leak in.
-      const V prod = __builtin_convertvector(load<F>(row + j), V) * load<V>(d + j);
+      const V prod = load_factor<V, kLanes>(row + j) * load<V>(d + j);
       a1 += lane < static_cast<Index>(len - j) ? prod : V{};
     } else {
       y = row_dot(row, d, 1, j, len);
@@ -191,12 +214,12 @@ STNPADIM_INLINE void single_rows(const float* factor, const acc_t* d, int64_t r0
   *sq_out = sq;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename factor_t>
 struct Args {
   const scalar_t* emb;
   int64_t stride_b, stride_c, stride_p;
   const float* mean;
-  const float* factor;
+  const factor_t* factor;
   acc_t* out;  // [B, P] contiguous
   int64_t batch, dim, patches;
 };
@@ -290,8 +313,8 @@ std::vector<Tile> plan_tiles(int64_t batch, int64_t dim) {
 // Stages d = emb - mean for patches p0 .. p0 + np - 1 into buf (patch_stride apart).
 // Lanes innermost, so each destination line is written whole; the source lines (one per
 // lane) stay in L1 across the patches.
-template <typename scalar_t, typename acc_t>
-STNPADIM_INLINE void stage(const Args<scalar_t, acc_t>& a, const std::vector<Tile>& tiles,
+template <typename scalar_t, typename acc_t, typename factor_t>
+STNPADIM_INLINE void stage(const Args<scalar_t, acc_t, factor_t>& a, const std::vector<Tile>& tiles,
                            int64_t p0, int64_t np, int64_t patch_stride, acc_t* buf) {
   const float* mean = a.mean + p0 * a.dim;
   for (const Tile& t : tiles) {
@@ -329,8 +352,8 @@ STNPADIM_INLINE void stage(const Args<scalar_t, acc_t>& a, const std::vector<Til
 // single-lane tiles for patches p0 .. p0 + np - 1 (and their mean). For a lone embedding
 // these are a line or two per channel on as many pages: fetched in one go at staging,
 // the misses stall the core for about a tenth of the patches' time.
-template <typename scalar_t, typename acc_t>
-STNPADIM_INLINE void prefetch_stage(const Args<scalar_t, acc_t>& a, const std::vector<Tile>& tiles,
+template <typename scalar_t, typename acc_t, typename factor_t>
+STNPADIM_INLINE void prefetch_stage(const Args<scalar_t, acc_t, factor_t>& a, const std::vector<Tile>& tiles,
                                     int64_t p0, int64_t np, int64_t part, int64_t parts) {
   constexpr int64_t kLine = 64;
   const char* mean = reinterpret_cast<const char*>(a.mean + p0 * a.dim);
@@ -359,29 +382,65 @@ STNPADIM_INLINE void prefetch_stage(const Args<scalar_t, acc_t>& a, const std::v
   }
 }
 
-// Squared norms of one patch for every tile, into sq (the tiles' lanes, zeroed here).
-template <CpuCapability kCap, typename acc_t>
-STNPADIM_INLINE void patch_sq_norms(const std::vector<Tile>& tiles, const float* factor, const acc_t* d,
-                                    int64_t dim, const float* factor_end, acc_t* sq) {
+// The end of the panel of factor rows from r0: as many rows as fit kPanelBytes (as float32),
+// in steps of kPanelRowStep.
+STNPADIM_INLINE int64_t panel_end(int64_t r0, int64_t dim) {
+  int64_t r1 = std::min(dim, r0 + kPanelRowStep);
+  while (r1 < dim && static_cast<int64_t>(sizeof(float)) *
+                             (packed_row_offset(r1 + kPanelRowStep) - packed_row_offset(r0)) <= kPanelBytes) {
+    r1 = std::min(dim, r1 + kPanelRowStep);
+  }
+  return r1;
+}
+
+// The packed rows [r0, r1) of a factor as float32, for the batch tiles: a float32 factor
+// in place; a bfloat16 one widened into panel (nullptr when only lone elements run, which
+// read bfloat16 directly). Widening once per panel, vectorised, instead of at each
+// broadcast keeps the tiles' inner loop as short as with a float32 factor.
+STNPADIM_INLINE const float* float_panel(const float* factor, int64_t r0, int64_t, float*) {
+  return factor + packed_row_offset(r0);
+}
+
+STNPADIM_INLINE const float* float_panel(const c10::BFloat16* factor, int64_t r0, int64_t r1, float* panel) {
+  if (panel == nullptr) {
+    return nullptr;
+  }
+  const int64_t begin = packed_row_offset(r0), n = packed_row_offset(r1) - begin;
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(factor + begin);
+  // 64-byte lines at a time, each fetching the line as far ahead (the next panel's, or the
+  // next patch's after the last): read from memory while the tiles work on this panel.
+  constexpr int64_t kLine = 32;
+  for (int64_t k0 = 0; k0 < n; k0 += kLine) {
+    __builtin_prefetch(bits + n + k0);
+    const int64_t k1 = std::min(n, k0 + kLine);
+    for (int64_t k = k0; k < k1; ++k) {
+      const uint32_t wide = static_cast<uint32_t>(bits[k]) << 16;
+      std::memcpy(panel + k, &wide, sizeof(float));
+    }
+  }
+  return panel;
+}
+
+// Squared norms of one patch for every tile, into sq (the tiles' lanes, zeroed here);
+// panel: room for a panel of float32 rows (float_panel).
+template <CpuCapability kCap, typename acc_t, typename factor_t>
+STNPADIM_INLINE void patch_sq_norms(const std::vector<Tile>& tiles, const factor_t* factor, const acc_t* d,
+                                    int64_t dim, const factor_t* factor_end, acc_t* sq, float* panel) {
   using W = Widths<kCap, acc_t>;
   std::fill_n(sq, tiles.back().sq + tiles.back().lanes, acc_t(0));
   for (int64_t r0 = 0; r0 < dim;) {
-    // Rows [r0, r1): as many as fit kPanelBytes, in steps of kPanelRowStep.
-    int64_t r1 = std::min(dim, r0 + kPanelRowStep);
-    while (r1 < dim && static_cast<int64_t>(sizeof(float)) *
-                               (packed_row_offset(r1 + kPanelRowStep) - packed_row_offset(r0)) <= kPanelBytes) {
-      r1 = std::min(dim, r1 + kPanelRowStep);
-    }
+    const int64_t r1 = panel_end(r0, dim);
+    const float* rows = float_panel(factor, r0, r1, panel);
     for (const Tile& t : tiles) {
       const acc_t* dt = d + t.offset;
       acc_t* st = sq + t.sq;
       if (t.kind == kPair) {
-        tile_rows<acc_t, W::kBytes, 2, W::kPairRows>(factor, dt, r0, r1, st);
+        tile_rows<acc_t, W::kBytes, 2, W::kPairRows>(rows, dt, r0, r1, st);
       } else if (t.kind == kOne) {
-        tile_rows<acc_t, W::kBytes, 1, W::kOneRows>(factor, dt, r0, r1, st);
+        tile_rows<acc_t, W::kBytes, 1, W::kOneRows>(rows, dt, r0, r1, st);
       } else if (t.kind == kNarrow) {
         if constexpr (W::kNarrowBytes > 0) {
-          tile_rows<acc_t, W::kNarrowBytes, 1, W::kOneRows>(factor, dt, r0, r1, st);
+          tile_rows<acc_t, W::kNarrowBytes, 1, W::kOneRows>(rows, dt, r0, r1, st);
         }
       } else {
         single_rows<acc_t, W::kBytes>(factor, dt, r0, r1, factor_end, st);
@@ -393,21 +452,22 @@ STNPADIM_INLINE void patch_sq_norms(const std::vector<Tile>& tiles, const float*
 
 // Patches p0 .. p0 + np - 1; next_p0 (if below the patch count) is the block that this
 // thread does next, whose staging input is prefetched meanwhile.
-template <CpuCapability kCap, typename scalar_t, typename acc_t>
-STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t>& a, const std::vector<Tile>& tiles,
+template <CpuCapability kCap, typename scalar_t, typename acc_t, typename factor_t>
+STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t, factor_t>& a, const std::vector<Tile>& tiles,
                                  int64_t patch_stride, int64_t p0, int64_t np, int64_t next_p0,
-                                 int64_t block, std::vector<acc_t>& buf, std::vector<acc_t>& sq) {
+                                 int64_t block, std::vector<acc_t>& buf, std::vector<acc_t>& sq,
+                                 float* panel) {
   stage(a, tiles, p0, np, patch_stride, buf.data());
   const bool prefetch = next_p0 < a.patches;
   const int64_t next_np = std::min(block, a.patches - next_p0);
-  const float* factor_end = a.factor + a.patches * packed_size(a.dim);
+  const auto* factor_end = a.factor + a.patches * packed_size(a.dim);
   for (int64_t q = 0; q < np; ++q) {
     if (prefetch) {
       prefetch_stage(a, tiles, next_p0, next_np, q, np);
     }
     const int64_t p = p0 + q;
     patch_sq_norms<kCap>(tiles, a.factor + p * packed_size(a.dim), buf.data() + q * patch_stride, a.dim,
-                         factor_end, sq.data());
+                         factor_end, sq.data(), panel);
     for (const Tile& t : tiles) {
       for (int64_t l = 0; l < t.n; ++l) {
         a.out[(t.b0 + l) * a.patches + p] = std::sqrt(sq[t.sq + l]);
@@ -418,8 +478,8 @@ STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t>& a, const std::vect
 
 // Claims patch blocks from a shared counter until none is left: threads that the shared
 // machine slows down take fewer blocks instead of holding up the others.
-template <CpuCapability kCap, typename scalar_t, typename acc_t>
-STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>& next_block) {
+template <CpuCapability kCap, typename scalar_t, typename acc_t, typename factor_t>
+STNPADIM_INLINE void worker(const Args<scalar_t, acc_t, factor_t>& a, std::atomic<int64_t>& next_block) {
   const std::vector<Tile> tiles = plan_tiles<kCap, acc_t>(a.batch, a.dim);
   const int64_t patch_stride = tiles.back().offset + tiles.back().lanes * a.dim;
   const int64_t block = std::clamp<int64_t>(
@@ -428,6 +488,14 @@ STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>
   constexpr int64_t kSpare = kVectorBytes<kCap> / sizeof(acc_t);
   std::vector<acc_t> buf(static_cast<size_t>(block * patch_stride + kSpare));
   std::vector<acc_t> sq(static_cast<size_t>(tiles.back().sq + tiles.back().lanes));
+  // A bfloat16 factor's panels widened for the batch tiles (none when only lone elements run).
+  std::vector<float> panel;
+  const bool widen = std::is_same_v<factor_t, c10::BFloat16> &&
+                     std::any_of(tiles.begin(), tiles.end(), [](const Tile& t) { return t.kind != kSingle; });
+  for (int64_t r0 = 0; widen && r0 < a.dim; r0 = panel_end(r0, a.dim)) {
+    const int64_t n = packed_row_offset(panel_end(r0, a.dim)) - packed_row_offset(r0);
+    panel.resize(std::max<size_t>(panel.size(), static_cast<size_t>(n)));
+  }
   // A lone embedding claims its next block before this one is done, so that the block's
   // input can be fetched meanwhile. Batches do not: their blocks are long, and a thread
   // that the shared machine preempts would hold two of them back from the others.
@@ -435,38 +503,50 @@ STNPADIM_INLINE void worker(const Args<scalar_t, acc_t>& a, std::atomic<int64_t>
   int64_t p0 = block * next_block++;
   while (p0 < a.patches) {
     const int64_t next_p0 = ahead ? block * next_block++ : a.patches;
-    patch_block<kCap>(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), next_p0, block, buf, sq);
+    patch_block<kCap>(a, tiles, patch_stride, p0, std::min(block, a.patches - p0), next_p0, block, buf, sq,
+                      panel.empty() ? nullptr : panel.data());
     p0 = ahead ? next_p0 : block * next_block++;
   }
 }
 
-// One entry point per input dtype and instruction-set variant.
-#define STNPADIM_WORKER(name, scalar_t, acc_t) \
-  STNPADIM_CPU_VARIANTS(void, name, worker, \
-                        (const Args<scalar_t, acc_t>& a, std::atomic<int64_t>& next_block), (a, next_block))
-STNPADIM_WORKER(worker_float, float, float)
-STNPADIM_WORKER(worker_double, double, double)
-STNPADIM_WORKER(worker_half, c10::Half, float)
-STNPADIM_WORKER(worker_bfloat16, c10::BFloat16, float)
+template <typename scalar_t, typename acc_t, typename factor_t>
+using Worker = void (*)(const Args<scalar_t, acc_t, factor_t>&, std::atomic<int64_t>&);
+
+// One entry point per input dtype, factor dtype and instruction-set variant, and the
+// pick_worker overload that chooses among the variants.
+#define STNPADIM_WORKER(name, scalar_t, acc_t, factor_t)                                            \
+  STNPADIM_CPU_VARIANTS(void, name, worker,                                                        \
+                        (const Args<scalar_t, acc_t, factor_t>& a, std::atomic<int64_t>& next_block), \
+                        (a, next_block))                                                           \
+  Worker<scalar_t, acc_t, factor_t> pick_worker(CpuCapability cap, const Args<scalar_t, acc_t, factor_t>&) { \
+    return pick_variant<Worker<scalar_t, acc_t, factor_t>>(cap, name##_default, name##_avx2,        \
+                                                           name##_avx512);                         \
+  }
+STNPADIM_WORKER(worker_float, float, float, float)
+STNPADIM_WORKER(worker_double, double, double, float)
+STNPADIM_WORKER(worker_half, c10::Half, float, float)
+STNPADIM_WORKER(worker_bfloat16, c10::BFloat16, float, float)
+STNPADIM_WORKER(worker_float_bf16, float, float, c10::BFloat16)
+STNPADIM_WORKER(worker_half_bf16, c10::Half, float, c10::BFloat16)
+STNPADIM_WORKER(worker_bfloat16_bf16, c10::BFloat16, float, c10::BFloat16)
 #undef STNPADIM_WORKER
 
-using FloatWorker = void (*)(const Args<float, float>&, std::atomic<int64_t>&);
-using DoubleWorker = void (*)(const Args<double, double>&, std::atomic<int64_t>&);
-using HalfWorker = void (*)(const Args<c10::Half, float>&, std::atomic<int64_t>&);
-using BFloat16Worker = void (*)(const Args<c10::BFloat16, float>&, std::atomic<int64_t>&);
-
-FloatWorker pick_worker(CpuCapability cap, const Args<float, float>&) {
-  return pick_variant<FloatWorker>(cap, worker_float_default, worker_float_avx2, worker_float_avx512);
-}
-DoubleWorker pick_worker(CpuCapability cap, const Args<double, double>&) {
-  return pick_variant<DoubleWorker>(cap, worker_double_default, worker_double_avx2, worker_double_avx512);
-}
-HalfWorker pick_worker(CpuCapability cap, const Args<c10::Half, float>&) {
-  return pick_variant<HalfWorker>(cap, worker_half_default, worker_half_avx2, worker_half_avx512);
-}
-BFloat16Worker pick_worker(CpuCapability cap, const Args<c10::BFloat16, float>&) {
-  return pick_variant<BFloat16Worker>(cap, worker_bfloat16_default, worker_bfloat16_avx2,
-                                      worker_bfloat16_avx512);
+template <typename scalar_t, typename acc_t, typename factor_t>
+void run_workers(const at::Tensor& emb, const at::Tensor& mean, const at::Tensor& factor,
+                 at::Tensor& out, CpuCapability cap) {
+  const Args<scalar_t, acc_t, factor_t> args{emb.const_data_ptr<scalar_t>(),
+                                             emb.stride(0), emb.stride(1), emb.stride(2),
+                                             mean.const_data_ptr<float>(),
+                                             factor.const_data_ptr<factor_t>(),
+                                             out.mutable_data_ptr<acc_t>(),
+                                             emb.size(0), emb.size(1), emb.size(2)};
+  const auto work = pick_worker(cap, args);
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      work(args, next_block);
+    }
+  });
 }
 
 at::Tensor mahalanobis_forward_kernel(const at::Tensor& emb, const at::Tensor& mean,
@@ -475,28 +555,21 @@ at::Tensor mahalanobis_forward_kernel(const at::Tensor& emb, const at::Tensor& m
   TORCH_CHECK(emb.device().is_cpu(), "emb must be a CPU tensor");
   const CpuCapability cap = cpu_capability();  // before any work: a refused variant raises here
   const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor factor_c = factor_packed.contiguous();
-  const int64_t batch = emb.size(0), dim = emb.size(1), patches = emb.size(2);
-  at::Tensor out = at::empty({batch, patches}, emb.options().dtype(mahalanobis_result_type(emb)));
+  const at::Tensor factor_c = mahalanobis_kernel_factor(emb, factor_packed);
+  const bool bf16_factor = factor_c.scalar_type() == at::kBFloat16;
+  at::Tensor out = at::empty({emb.size(0), emb.size(2)}, emb.options().dtype(mahalanobis_result_type(emb)));
   if (out.numel() == 0) {
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, emb.scalar_type(), "mahalanobis_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const Args<scalar_t, acc_t> args{emb.const_data_ptr<scalar_t>(),
-                                         emb.stride(0), emb.stride(1), emb.stride(2),
-                                         mean_c.const_data_ptr<float>(),
-                                         factor_c.const_data_ptr<float>(),
-                                         out.mutable_data_ptr<acc_t>(),
-                                         batch, dim, patches};
-        const auto work = pick_worker(cap, args);
-        std::atomic<int64_t> next_block{0};
-        at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
-          for (int64_t t = begin; t < end; ++t) {
-            work(args, next_block);
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          if (bf16_factor) {
+            return run_workers<scalar_t, acc_t, c10::BFloat16>(emb, mean_c, factor_c, out, cap);
           }
-        });
+        }
+        run_workers<scalar_t, acc_t, float>(emb, mean_c, factor_c, out, cap);
       });
   return out;
 }

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "ops/mahalanobis.h"
 #include "ops/mahalanobis_math.h"
@@ -52,11 +53,21 @@ __device__ __forceinline__ void warp_reduce_scatter(T (&v)[kWarpSize], int lane)
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// A factor element through the read-only cache; bfloat16 widens exactly to float.
+__device__ __forceinline__ float load_factor(const float* ptr) {
+  return __ldg(ptr);
+}
+
+__device__ __forceinline__ float load_factor(const c10::BFloat16* ptr) {
+  return static_cast<float>(
+      c10::BFloat16(__ldg(reinterpret_cast<const unsigned short*>(ptr)), c10::BFloat16::from_bits()));
+}
+
+template <typename scalar_t, typename acc_t, typename factor_t>
 __global__ void __launch_bounds__(kThreads)
     mahalanobis_kernel_impl(const scalar_t* __restrict__ emb, int64_t stride_b,
                             int64_t stride_c, int64_t stride_p,
-                            const float* __restrict__ mean, const float* __restrict__ factor,
+                            const float* __restrict__ mean, const factor_t* __restrict__ factor,
                             acc_t* __restrict__ out, int64_t batch, int64_t dim,
                             int64_t patches, int64_t tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -77,7 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  const float* patch_factor = factor + p * packed_size(dim);
+  const factor_t* patch_factor = factor + p * packed_size(dim);
   acc_t sq = 0;  // lane l: sum of y^2 over its rows, for batch element l % kTile
   for (int64_t i0 = int64_t(warp) * kRows; i0 < dim; i0 += int64_t(kWarps) * kRows) {
     acc_t acc[kValues];
@@ -98,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
         // Entries past the row are skipped, not multiplied by a zero factor: an Inf in d
         // must give Inf, not 0 * Inf = NaN (as in the CPU kernel).
         if (row < dim && j <= row) {
-          const acc_t l = static_cast<acc_t>(__ldg(patch_factor + packed_row_offset(row) + j));
+          const acc_t l = static_cast<acc_t>(load_factor(patch_factor + packed_row_offset(row) + j));
 #pragma unroll
           for (int b = 0; b < kTile; ++b) {
             acc[r * kTile + b] += l * dj[b];
@@ -129,13 +140,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename scalar_t, typename acc_t, typename factor_t>
+void launch(const at::Tensor& emb, const at::Tensor& mean, const at::Tensor& factor, at::Tensor& out,
+            int64_t tiles, cudaStream_t stream) {
+  const int64_t batch = emb.size(0), dim = emb.size(1), patches = emb.size(2);
+  const size_t smem = sizeof(acc_t) * (dim * kTile + kWarps * kTile);
+  const auto kernel = mahalanobis_kernel_impl<scalar_t, acc_t, factor_t>;
+  if (smem > 48 * 1024) {
+    const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    TORCH_CHECK(static_cast<int64_t>(smem) <= limit, "emb has C=", dim,
+                " channels, more than the CUDA kernel's shared memory allows (", limit, " bytes)");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned int>(patches * tiles), kThreads, smem, stream>>>(
+      emb.const_data_ptr<scalar_t>(), emb.stride(0), emb.stride(1), emb.stride(2),
+      mean.const_data_ptr<float>(), factor.const_data_ptr<factor_t>(), out.mutable_data_ptr<acc_t>(),
+      batch, dim, patches, tiles);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor mahalanobis_forward_kernel(const at::Tensor& emb, const at::Tensor& mean,
                                       const at::Tensor& factor_packed) {
   mahalanobis_check_inputs(emb, mean, factor_packed);
   TORCH_CHECK(emb.is_cuda(), "emb must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(emb.device());
   const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor factor_c = factor_packed.contiguous();
+  const at::Tensor factor_c = mahalanobis_kernel_factor(emb, factor_packed);
+  const bool bf16_factor = factor_c.scalar_type() == at::kBFloat16;
   const int64_t batch = emb.size(0), dim = emb.size(1), patches = emb.size(2);
   at::Tensor out = at::empty({batch, patches}, emb.options().dtype(mahalanobis_result_type(emb)));
   if (out.numel() == 0) {
@@ -148,21 +180,12 @@ at::Tensor mahalanobis_forward_kernel(const at::Tensor& emb, const at::Tensor& m
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, emb.scalar_type(), "mahalanobis_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const size_t smem = sizeof(acc_t) * (dim * kTile + kWarps * kTile);
-        const auto kernel = mahalanobis_kernel_impl<scalar_t, acc_t>;
-        if (smem > 48 * 1024) {
-          const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-          TORCH_CHECK(static_cast<int64_t>(smem) <= limit, "emb has C=", dim,
-                      " channels, more than the CUDA kernel's shared memory allows (",
-                      limit, " bytes)");
-          C10_CUDA_CHECK(cudaFuncSetAttribute(
-              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        if constexpr (!std::is_same_v<scalar_t, double>) {
+          if (bf16_factor) {
+            return launch<scalar_t, acc_t, c10::BFloat16>(emb, mean_c, factor_c, out, tiles, stream);
+          }
         }
-        kernel<<<static_cast<unsigned int>(patches * tiles), kThreads, smem, stream>>>(
-            emb.const_data_ptr<scalar_t>(), emb.stride(0), emb.stride(1), emb.stride(2),
-            mean_c.const_data_ptr<float>(), factor_c.const_data_ptr<float>(),
-            out.mutable_data_ptr<acc_t>(), batch, dim, patches, tiles);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch<scalar_t, acc_t, float>(emb, mean_c, factor_c, out, tiles, stream);
       });
   return out;
 }

@@ -32,14 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...catalog import ONNX_FACTOR_STORAGE, ONNX_INPUT_DTYPES
 from ...errors import InputError
 from ...ops.onnx import translation_table
 from ...report import atomic_file
 from ..stn import STN
 from .calibration import decide
 
-INPUT_DTYPES = ("float32", "uint8")
-FACTOR_STORAGE = ("packed", "dense")
 OUTPUTS = ("scores", "maps")
 DECISION_OUTPUTS = ("normalized_scores", "anomalous", "masks")
 OPSET = 20
@@ -94,10 +93,10 @@ def export_onnx(model, path: str | os.PathLike, batch_size: int | None = None,
             path that cannot be written, or onnx / onnxscript not installed.
     """
     check_exportable(model)
-    if input_dtype not in INPUT_DTYPES:
-        raise InputError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}; got {input_dtype!r}")
-    if factor not in FACTOR_STORAGE:
-        raise InputError(f"factor must be one of {', '.join(FACTOR_STORAGE)}; got {factor!r}")
+    if input_dtype not in ONNX_INPUT_DTYPES:
+        raise InputError(f"input_dtype must be one of {', '.join(ONNX_INPUT_DTYPES)}; got {input_dtype!r}")
+    if factor not in ONNX_FACTOR_STORAGE:
+        raise InputError(f"factor must be one of {', '.join(ONNX_FACTOR_STORAGE)}; got {factor!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise InputError(f"batch_size must be None (dynamic) or an int >= 1; got {batch_size!r}")
