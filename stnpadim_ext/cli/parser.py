@@ -61,39 +61,42 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     common = common_options()
-    for options in (_demo_options, _fit_options, _score_options, _evaluate_options,
-                    _synth_options, _export_options, _serve_options):
-        options(commands, common).set_defaults(module=options.__name__[1:].removesuffix("_options"))
+    # Each command, the module in this package whose run(args) carries it out, its options.
+    for name, module, add_options in (
+            ("demo", "demo", _demo_options), ("fit", "fit", _fit_options),
+            ("score", "score", _score_options), ("eval", "evaluate", _evaluate_options),
+            ("synth", "synth", _synth_options), ("export", "export", _export_options),
+            ("serve", "serve", _serve_options)):
+        sub = commands.add_parser(name, parents=[common], help=COMMANDS[name])
+        add_options(sub)
+        sub.set_defaults(module=module)
     return parser
 
 
-def _demo_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "demo", parents=[common], help=COMMANDS["demo"],
-        description="Writes a small synthetic data set (a texture, an aligned part, a part "
-                    "whose test images drift in pose, a part in random poses), fits PaDiM, "
-                    "PaDiM on pose-augmented images, STN+PaDiM and the oracle (aligned by the "
-                    "true poses) with efficientnet_lite0, prints the comparison and decision "
-                    "tables and writes heatmaps and an HTML report (report/index.html). "
-                    "Offline; the same seed gives the same tables.")
+def _demo_options(parser: Parser) -> None:
+    parser.description = (
+        "Writes a small synthetic data set (a texture, an aligned part, a part "
+        "whose test images drift in pose, a part in random poses), fits PaDiM, "
+        "PaDiM on pose-augmented images, STN+PaDiM and the oracle (aligned by the "
+        "true poses) with efficientnet_lite0, prints the comparison and decision "
+        "tables and writes heatmaps and an HTML report (report/index.html). "
+        "Offline; the same seed gives the same tables.")
     parser.add_argument("--out", default="stnpadim_demo", metavar="DIR",
                         help="folder for table.md, results.json, heatmaps/ and report/ "
                              "(default: ./stnpadim_demo)")
     parser.add_argument("--seed", type=at_least(0), default=0, help="data and model seed (default: 0)")
     add_force_option(parser)
-    return parser
 
 
-def _fit_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "fit", parents=[common], help=COMMANDS["fit"],
-        description="Fits PaDiM (behind a self-supervised STN unless --stn none) on "
-                    "ROOT/CATEGORY/train/good and writes the model file. The anomaly threshold "
-                    "is calibrated on --calibration DIR, else on ROOT/CATEGORY/calibration/good "
-                    "when it exists (good images from the line), else on a seeded share of the "
-                    "training images held out from fitting (10%, at least 20 when a quarter of "
-                    "them is that many), which behind an STN are scored in random poses of its "
-                    "training range.")
+def _fit_options(parser: Parser) -> None:
+    parser.description = (
+        "Fits PaDiM (behind a self-supervised STN unless --stn none) on "
+        "ROOT/CATEGORY/train/good and writes the model file. The anomaly threshold "
+        "is calibrated on --calibration DIR, else on ROOT/CATEGORY/calibration/good "
+        "when it exists (good images from the line), else on a seeded share of the "
+        "training images held out from fitting (10%, at least 20 when a quarter of "
+        "them is that many), which behind an STN are scored in random poses of its "
+        "training range.")
     parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
     parser.add_argument("--category", required=True, metavar="C", help="category folder name")
     parser.add_argument("--out", required=True, metavar="MODEL", help="model file to write")
@@ -103,18 +106,16 @@ def _fit_options(commands, common) -> Parser:
     add_model_options(parser)
     add_run_options(parser)
     add_force_option(parser)
-    return parser
 
 
-def _score_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "score", parents=[common], help=COMMANDS["score"],
-        description="Scores images (files, or every image in the given folders and their "
-                    "sub-folders; other files there are skipped with a note) and writes "
-                    "one heatmap overlay PNG per image (longest side at most "
-                    f"{HEATMAP_MAX_SIDE} px) and scores.csv (image, score, normalized_score, "
-                    "anomalous, heatmap) to --out. normalized_score is score / the model's "
-                    "calibrated threshold; above 1 is anomalous.")
+def _score_options(parser: Parser) -> None:
+    parser.description = (
+        "Scores images (files, or every image in the given folders and their "
+        "sub-folders; other files there are skipped with a note) and writes "
+        "one heatmap overlay PNG per image (longest side at most "
+        f"{HEATMAP_MAX_SIDE} px) and scores.csv (image, score, normalized_score, "
+        "anomalous, heatmap) to --out. normalized_score is score / the model's "
+        "calibrated threshold; above 1 is anomalous.")
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
     parser.add_argument("--out", default="stnpadim_scores", metavar="DIR",
@@ -133,19 +134,17 @@ def _score_options(commands, common) -> Parser:
                              "distances by ~0.05%% (default: float32)")
     add_run_options(parser)
     add_force_option(parser)
-    return parser
 
 
-def _evaluate_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "eval", parents=[common], help=COMMANDS["eval"],
-        description="Fits and calibrates a model per category (or takes --model) and reports "
-                    "image AUROC, pixel AUROC, AUPRO and image F1, then the false-reject rate, "
-                    "miss rate, precision, recall and F1 at the calibrated threshold, as "
-                    "markdown tables. With an STN, the baselines a user would try instead are "
-                    "fitted beside it: plain PaDiM, PaDiM on pose-augmented images and, where "
-                    "the data records true poses (stnpadim synth), the oracle aligned by them. "
-                    "A category's calibration/good folder, when present, sets the thresholds.")
+def _evaluate_options(parser: Parser) -> None:
+    parser.description = (
+        "Fits and calibrates a model per category (or takes --model) and reports "
+        "image AUROC, pixel AUROC, AUPRO and image F1, then the false-reject rate, "
+        "miss rate, precision, recall and F1 at the calibrated threshold, as "
+        "markdown tables. With an STN, the baselines a user would try instead are "
+        "fitted beside it: plain PaDiM, PaDiM on pose-augmented images and, where "
+        "the data records true poses (stnpadim synth), the oracle aligned by them. "
+        "A category's calibration/good folder, when present, sets the thresholds.")
     parser.add_argument("--data", required=True, metavar="ROOT", help="MVTec-format data folder")
     parser.add_argument("--category", nargs="+", metavar="C",
                         help="categories (default: every folder of ROOT with train/good)")
@@ -165,14 +164,12 @@ def _evaluate_options(commands, common) -> Parser:
     add_model_options(parser)
     add_run_options(parser)
     add_force_option(parser)
-    return parser
 
 
-def _synth_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "synth", parents=[common], help=COMMANDS["synth"],
-        description="Writes procedural textures and parts with defects and exact masks in the "
-                    "MVTec AD layout, deterministic by --seed.")
+def _synth_options(parser: Parser) -> None:
+    parser.description = (
+        "Writes procedural textures and parts with defects and exact masks in the "
+        "MVTec AD layout, deterministic by --seed.")
     parser.add_argument("--out", required=True, metavar="ROOT", help="output folder")
     parser.add_argument("--categories", nargs="+", choices=list(synth.CATEGORIES), metavar="C",
                         help=f"categories to write (default: all of {', '.join(synth.CATEGORIES)})")
@@ -186,16 +183,14 @@ def _synth_options(commands, common) -> Parser:
                         help="pose mode for every category (default: each category's own)")
     parser.add_argument("--force", action="store_true",
                         help="replace category folders written earlier by synth")
-    return parser
 
 
-def _export_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "export", parents=[common], help=COMMANDS["export"],
-        description="Writes MODEL as an ONNX graph: input images [B, 3, H, W] (H, W = the "
-                    "model's image size), outputs scores [B] and maps [B, H, W] equal to "
-                    "`score`'s, plus normalized_scores, anomalous and masks for a calibrated model. "
-                    "Needs the export extra: pip install \"stnpadim[export]\".")
+def _export_options(parser: Parser) -> None:
+    parser.description = (
+        "Writes MODEL as an ONNX graph: input images [B, 3, H, W] (H, W = the "
+        "model's image size), outputs scores [B] and maps [B, H, W] equal to "
+        "`score`'s, plus normalized_scores, anomalous and masks for a calibrated model. "
+        "Needs the export extra: pip install \"stnpadim[export]\".")
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
     parser.add_argument("--out", required=True, metavar="FILE", help="ONNX file to write")
     parser.add_argument("--input-dtype", choices=ONNX_INPUT_DTYPES, default="float32",
@@ -206,19 +201,17 @@ def _export_options(commands, common) -> Parser:
                         help="storage of the precision factors: packed (default, half the "
                              "size, same speed under ONNX Runtime) or dense")
     add_force_option(parser)
-    return parser
 
 
-def _serve_options(commands, common) -> Parser:
-    parser = commands.add_parser(
-        "serve", parents=[common], help=COMMANDS["serve"],
-        description="Loads MODEL once and answers POST /v1/score (body: an image file's bytes) "
-                    "with the score, normalized score and decision as `stnpadim score` computes "
-                    "them; ?heatmap=1 / ?mask=1 add the heatmap overlay / mask as base64 PNGs. "
-                    "Concurrent requests are scored together, up to --max-batch images or "
-                    "--max-wait-ms. Also GET /v1/model, /healthz and /metrics (Prometheus). "
-                    "SIGTERM or Ctrl-C: stop accepting, finish queued work, exit 0. "
-                    "Needs the serve extra: pip install \"stnpadim[serve]\".")
+def _serve_options(parser: Parser) -> None:
+    parser.description = (
+        "Loads MODEL once and answers POST /v1/score (body: an image file's bytes) "
+        "with the score, normalized score and decision as `stnpadim score` computes "
+        "them; ?heatmap=1 / ?mask=1 add the heatmap overlay / mask as base64 PNGs. "
+        "Concurrent requests are scored together, up to --max-batch images or "
+        "--max-wait-ms. Also GET /v1/model, /healthz and /metrics (Prometheus). "
+        "SIGTERM or Ctrl-C: stop accepting, finish queued work, exit 0. "
+        "Needs the serve extra: pip install \"stnpadim[serve]\".")
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file from `fit`")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; "
@@ -234,7 +227,6 @@ def _serve_options(commands, common) -> Parser:
     parser.add_argument("--max-image-mb", type=positive_float, default=50.0, metavar="MB",
                         help="largest request body in MB (2^20 bytes); larger gets 413 (default: 50)")
     parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when available)")
-    return parser
 
 
 def common_options() -> Parser:
