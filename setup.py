@@ -78,7 +78,10 @@ def extension_modules():
     # setuptools wants source paths relative to setup.py's folder (pip runs us from there).
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cpp"))
     define_macros = []  # torch adds Py_LIMITED_API itself when py_limited_api=True
-    extra = {"cxx": opt + ["-fopenmp", "-fdiagnostics-color=always"]}
+    # -fno-trapping-math: GCC will not if-convert (so not vectorise) a loop whose selects
+    # guard float operations that might raise an FP exception flag; we never read those
+    # flags, and the values (NaN and Inf included) are the same.
+    extra = {"cxx": opt + ["-fno-trapping-math", "-fopenmp", "-fdiagnostics-color=always"]}
     kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"], py_limited_api=True)
     if use_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:

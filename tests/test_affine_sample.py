@@ -176,6 +176,29 @@ def test_strided_input_gradients_match_contiguous():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("padding_mode,align_corners", list(itertools.product(("zeros", "border"), (False, True))))
+def test_bilinear_rows_split_at_the_image_edge(padding_mode, align_corners, dtype):
+    """Bilinear rows run a fast loop where every tap is inside the image and the general one
+    elsewhere: rows that cross the edge, rows wholly inside, and a theta whose large terms
+    cancel (the interior bounds must allow for their rounding) all match torch."""
+    thetas = [similarity(0.15, 1.0, 0.0, 0.0), similarity(-0.4, 1.1, 0.5, -0.2), similarity(0.0, 0.8, 0.0, 0.0),
+              similarity(math.pi / 2, 1.0, 0.9, 0.0), torch.tensor([[3000.0, 0.0, -2999.5], [0.0, 1.0, 0.0]]),
+              torch.tensor([[1e-7, 0.9, 0.0], [0.9, 1e-7, 0.01]])]
+    theta = torch.stack(thetas).to(dtype).requires_grad_()
+    x = torch.rand(len(thetas), 2, 37, 41, dtype=dtype, requires_grad=True)
+    g = torch.randn(len(thetas), 2, 29, 45, dtype=dtype)
+    out = affine_sample(x, theta, (29, 45), "bilinear", padding_mode, align_corners)
+    ref = affine_sample_reference(x, theta, (29, 45), "bilinear", padding_mode, align_corners)
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL[dtype])
+    grads = torch.autograd.grad(out, (x, theta), g)
+    ref_grads = torch.autograd.grad(ref, (x, theta), g)
+    rtol, atol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-9, 1e-9)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * (1 + want.abs().max().item()))
+
+
 # ----------------------------------------------------------------------------- gradients
 
 def unambiguous_theta(n, dtype, x_shape, size, align_corners):
