@@ -15,6 +15,8 @@
 // vectorises when the body has no branches. Hence: everything that depends on the axis
 // alone (size, align_corners) is precomputed in Axis; conditions are single comparisons
 // feeding ?: (no &&, no bool arithmetic); clamps use min/max.
+// setup.py builds with -fno-trapping-math: under GCC's default it keeps a select that
+// guards a float operation as a branch, and the loop does not vectorise at all.
 #pragma once
 
 #include <c10/macros/Macros.h>
