@@ -67,6 +67,15 @@ STNPADIM_MATH_INLINE T floor_of(T x) {
 #endif
 }
 
+// floor(x) as an index, for |x| < 2^30: truncation, one down where that rounded up.
+// Exact (a float beyond 2^23 is an integer already), and unlike nearbyint it vectorises
+// with SSE2 alone, so the default CPU variant's planning loops are vector code too.
+template <typename T>
+STNPADIM_MATH_INLINE int32_t floor_index(T x) {
+  const int32_t t = static_cast<int32_t>(x);
+  return static_cast<T>(t) > x ? t - 1 : t;
+}
+
 STNPADIM_MATH_INLINE int32_t clamp_index(int32_t i, int32_t lo, int32_t hi) {
 #ifdef __CUDA_ARCH__
   return ::min(::max(i, lo), hi);
@@ -186,9 +195,8 @@ struct LinearTaps {
 template <typename T, int kNonFinite = kPropagate>
 STNPADIM_MATH_INLINE LinearTaps<T> linear_taps(T x_raw, int32_t size) {
   const T x = keep_in_int_range(x_raw);
-  const T f = floor_of(x);
-  const int32_t i = static_cast<int32_t>(f);
-  const T t = x - f;
+  const int32_t i = floor_index(x);
+  const T t = x - static_cast<T>(i);
   LinearTaps<T> taps;
   taps.i0 = clamp_index(i, 0, size > 1 ? size - 2 : 0);
   // A tap is inside exactly when it lands on a slot. A 1-pixel axis has no slot 1: i1 is

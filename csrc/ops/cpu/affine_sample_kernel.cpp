@@ -209,8 +209,8 @@ C10_ALWAYS_INLINE RowSpan plan_interior_loop(const RowTransform<T> tr, const Pla
   for (int64_t w = begin; w < end; ++w) {
     const T bx = bxs[w];
     const T ix = unnormalize(tr.gx(bx), g.x), iy = unnormalize(tr.gy(bx), g.y);
-    const T fx = floor_of(ix), fy = floor_of(iy);
-    const int32_t i = static_cast<int32_t>(fx), j = static_cast<int32_t>(fy);
+    const int32_t i = floor_index(ix), j = floor_index(iy);
+    const T fx = static_cast<T>(i), fy = static_cast<T>(j);
     off[w] = j * g.sH + i * g.sW;
     lo = std::min(lo, j);
     hi = std::max(hi, j);
