@@ -263,8 +263,8 @@ def test_backward_is_deterministic_and_splits_channels_consistently(n, c):
 def test_many_channels_match_composition(shape, size, padding_mode, align_corners, dtype):
     # Bilinear with >= 16 channels has its own kernels on channel-interleaved copies: one
     # block per image for 40 channels, blocks of one image for (1, 70); sizes that are not
-    # multiples of 8 reach the edges of its transposes. A 1-pixel axis stays planar, and so
-    # does the forward of inputs without contiguous planes (channels_last).
+    # multiples of 8 reach the edges of its transposes. A 1-pixel axis stays planar; the
+    # forward reads channels_last input in place (no copy) and sliced channels planar.
     x = torch.rand(*shape, dtype=dtype)
     theta = random_theta(shape[0], dtype)
     out = affine_sample(x, theta, size, "bilinear", padding_mode, align_corners)

@@ -1198,26 +1198,32 @@ C10_ALWAYS_INLINE void blend_channels(T ax0, T ax1, T ay0, T ay1, const T* __res
 }
 
 // Forward tasks [begin, end) on interleaved copies; a task is one image's channel block
-// [k * block, (k + 1) * block). Needs H, W >= 2 and contiguous input planes.
+// [k * block, (k + 1) * block). Needs H, W >= 2 and contiguous input planes or channels_last input.
 template <int kBlock, typename T, int64_t kPad>
 C10_ALWAYS_INLINE void interleaved_forward_mode(const Problem<T>& p, T* out, int64_t block, int64_t per_image,
                                                 int64_t begin, int64_t end) {
   const int64_t C = p.C, Ho = p.Ho, Wo = p.Wo, W = p.plane.W;
   const int64_t HW = int64_t{p.plane.H} * W, HWo = Ho * Wo;
-  std::vector<T> x_buf(HW * block), o_row(Wo * block);
+  // channels_last input is interleaved already: read in place, no copy.
+  const bool in_place = p.sC == 1 && p.plane.sW == C && p.plane.sH == W * C;
+  std::vector<T> x_buf(in_place ? 0 : HW * block), o_row(Wo * block);
   RowScratch<T> s(p, BilinearPlan<T>::kVals, 1);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t n = i / per_image, c_begin = (i % per_image) * block;
     const int64_t cb = std::min(C, c_begin + block) - c_begin;
     Plane<T> plane = p.plane;
-    plane.sH = static_cast<int32_t>(W * cb);
-    plane.sW = static_cast<int32_t>(cb);
+    const T* src = p.input + n * p.sN + c_begin;
+    if (!in_place) {
+      plane.sH = static_cast<int32_t>(W * cb);
+      plane.sW = static_cast<int32_t>(cb);
+      transpose<kBlock>(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
+      src = x_buf.data();
+    }
     const BilinearPlan<T> pl(s, plane);
-    transpose<kBlock>(p.input + n * p.sN + c_begin * p.sC, p.sC, x_buf.data(), cb, cb, HW);
     for (int64_t h = 0; h < Ho; ++h) {
       plan_bilinear<T, kPad, false>(pl, RowTransform<T>(p, n, h), plane, s.bx(), Wo);
       for (int64_t w = 0; w < Wo; ++w) {
-        blend_channels(pl.ax0[w], pl.ax1[w], pl.ay0[w], pl.ay1[w], x_buf.data() + pl.off[w], pl.dx, pl.dy,
+        blend_channels(pl.ax0[w], pl.ax1[w], pl.ay0[w], pl.ay1[w], src + pl.off[w], pl.dx, pl.dy,
                        cb, o_row.data() + w * cb);
       }
       transpose<kBlock>(o_row.data(), cb, out + (n * C + c_begin) * HWo + h * Wo, HWo, Wo, cb);
@@ -1458,9 +1464,12 @@ at::Tensor affine_sample_forward_kernel(const at::Tensor& input, const at::Tenso
   const at::Tensor base_y = affine_base_coords(out_h, align_corners, theta.options());
   // Strided inputs are read in place, unless their strides overflow int32 offsets.
   const at::Tensor x = plane_offsets_fit(input) ? input : input.contiguous();
-  // The interleaved copy is made from whole planes: other layouts run planar.
+  // The interleaved copy is made from whole planes, and channels_last input is read in
+  // place: other layouts run planar.
   const bool planes = x.stride(3) == 1 && x.stride(2) == W;
-  const int64_t block = planes ? interleaved_block(interpolation, N, C, H, W, 4 * at::get_num_threads()) : 0;
+  const bool channels_last = x.stride(1) == 1 && x.stride(3) == C && x.stride(2) == W * C;
+  const int64_t block =
+      planes || channels_last ? interleaved_block(interpolation, N, C, H, W, 4 * at::get_num_threads()) : 0;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "affine_sample_forward_cpu", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(x, theta_c, base_x, base_y, N, C, H, W, out_h,
                                                        out_w, interpolation, padding, align_corners);
