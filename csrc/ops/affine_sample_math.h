@@ -216,6 +216,23 @@ STNPADIM_MATH_INLINE LinearTaps<T> linear_taps(T x_raw, int32_t size) {
   return taps;
 }
 
+// The same for a pixel coordinate known to lie inside the image, 0 < x < size - 1: then
+// the slots are floor(x) and floor(x) + 1 with both taps on them, and the selects above
+// all give these values.
+template <typename T>
+STNPADIM_MATH_INLINE LinearTaps<T> interior_linear_taps(T x) {
+  LinearTaps<T> taps;
+  taps.i0 = floor_index(x);
+  const T t = x - static_cast<T>(taps.i0);
+  taps.w0 = T(1) - t;
+  taps.w1 = t;
+  taps.d0 = T(-1);
+  taps.d1 = T(1);
+  taps.in0 = true;
+  taps.in1 = true;
+  return taps;
+}
+
 // Nearest pixel (round half to even, as ATen's nearbyint), clamped inside; it exists
 // (else zero padding) when clamping left it unchanged: index == unclamped.
 struct NearestTap {
