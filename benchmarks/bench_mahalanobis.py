@@ -31,7 +31,7 @@ from stnpadim_ext import _backend
 
 PATCHES = 3136                                  # 56 x 56
 # (C, B, rounds): a few rounds for the long cases.
-CASES = [(100, 1, 10), (100, 32, 5), (550, 1, 3), (550, 8, 3)]
+CASES = [(100, 1, 10), (100, 32, 5), (550, 1, 3), (550, 8, 3), (550, 32, 2)]
 CUDA_CASES = [(100, 32, 20), (550, 32, 10)]
 FIT_IMAGES, FIT_BATCH, FIT_DIM = 256, 32, 100
 HAS_CUDA = torch.cuda.is_available() and _backend.has_kernel("mahalanobis", "cuda")

@@ -137,3 +137,17 @@ def test_affine_sample_forward_and_backward(capability, mode, padding_mode, shap
     torch.testing.assert_close(gx.double(), wx, rtol=rtol, atol=atol)
     rtol, atol = tolerances.grad_theta_tolerance(x, theta, g, size, mode)
     torch.testing.assert_close(gt.double(), wt, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("size", [(184, 184), (181, 183)])
+def test_affine_sample_large_many_channel_output(capability, size):
+    # Outputs of 16 MB or more leave the many-channel forward with streaming stores where
+    # the planes are 32-byte aligned (184 x 184) and with plain stores where not (181 x 183);
+    # 64 channels of 184 x 184 make blocks of 22 and 20, which reach the transposes' edges.
+    x = torch.rand(2, 64, 184, 184)
+    theta = torch.eye(2, 3) + 0.1 * torch.randn(2, 2, 3)
+    out = sp.affine_sample(x, theta, size)
+    assert out.numel() * out.element_size() >= 16 << 20
+    want = tolerances.truth(x, theta, size, "bilinear", "zeros", False)
+    rtol, atol = tolerances.forward_tolerance(x, theta, "bilinear")
+    torch.testing.assert_close(out.double(), want, rtol=rtol, atol=atol)
