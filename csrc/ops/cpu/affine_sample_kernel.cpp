@@ -933,9 +933,10 @@ using v8f = float __attribute__((vector_size(32)));
 // A 32-byte streaming store (d aligned to 32 bytes): it skips reading the line first,
 // which a plain store to memory not in cache does. The builtin, not _mm256_stream_ps: an
 // intrinsic's ISA is checked where it is written, a builtin's where it is compiled, which
-// is inside the AVX2/AVX-512 variants (the only callers).
+// is inside the AVX2/AVX-512 variants (the only callers). Builds without those variants
+// store plainly.
 C10_ALWAYS_INLINE void stream_store8(float* d, const v8f& v) {
-#if defined(__x86_64__)
+#if STNPADIM_HAVE_ISA_VARIANTS
   __builtin_ia32_movntps256(d, v);
 #else
   std::memcpy(d, &v, sizeof(v));
@@ -1053,7 +1054,7 @@ C10_ALWAYS_INLINE void transpose(const T* __restrict src, int64_t src_stride, T*
       }
     } else if (kBlock == 8 && stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0 && dst_stride % 8 == 0) {
       blocks_to_planes<kBlock, true>(src, src_stride, dst, dst_stride, rows_b, cols_b);
-#if defined(__x86_64__)
+#if STNPADIM_HAVE_ISA_VARIANTS
       __builtin_ia32_sfence();  // streaming stores are weakly ordered
 #endif
     } else {
