@@ -102,6 +102,20 @@ def test_mahalanobis_every_batch_size(capability, dim, dtype, factor_dtype):
                                    msg=lambda m, b=batch: f"B={b}: {m}")
 
 
+@pytest.mark.parametrize("batch", [8, 9, 24, 32, 48])
+def test_mahalanobis_tiles_staged_eight_patches_at_a_time(capability, batch):
+    # Float32 [B, C, P] input (patches contiguous) stages full 8-lane tiles 8 patches at a
+    # time in the AVX2 and AVX-512 variants: 21 patches are two such groups and 5 single
+    # patches; B = 9 adds a lone element, which stages patch by patch.
+    g = _gaussian(21, 13, batch)
+    emb = torch.randn(batch, 13, 21) * 2 + g.mean.T
+    want = mahalanobis_reference(emb.double(), g)
+    rtol, atol = tolerances.mahalanobis_tolerance(emb, g, want)
+    torch.testing.assert_close(sp.mahalanobis(emb, g).double(), want, rtol=rtol, atol=atol)
+    sliced = torch.randn(batch, 13, 42)[:, :, ::2].copy_(emb)  # patches strided: element by element
+    torch.testing.assert_close(sp.mahalanobis(sliced, g).double(), want, rtol=rtol, atol=atol)
+
+
 def test_mahalanobis_strided_large_dim(capability):
     """C = 130 spans several factor panels; [B, P, C] memory (stride_c = 1) and a batch slice."""
     g = _gaussian(5, 130, 0)

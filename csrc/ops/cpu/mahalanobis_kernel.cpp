@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "ops/cpu/cpu_capability.h"
+#include "ops/cpu/transpose8.h"
 #include "ops/mahalanobis.h"
 #include "ops/mahalanobis_math.h"
 
@@ -312,8 +313,12 @@ std::vector<Tile> plan_tiles(int64_t batch, int64_t dim) {
 
 // Stages d = emb - mean for patches p0 .. p0 + np - 1 into buf (patch_stride apart).
 // Lanes innermost, so each destination line is written whole; the source lines (one per
-// lane) stay in L1 across the patches.
-template <typename scalar_t, typename acc_t, typename factor_t>
+// lane) stay in L1 across the patches. Where patches are contiguous in float32 input and
+// 32-byte vectors are registers, full tiles go 8 lanes x 8 patches at a time: 8 vector
+// loads (one per lane's row), less the patches' means, and an 8x8 transpose into the
+// patches' lane order. Element by element, every lane is a load from another row, which
+// took about half the time of B = 32, C = 100.
+template <CpuCapability kCap, typename scalar_t, typename acc_t, typename factor_t>
 STNPADIM_INLINE void stage(const Args<scalar_t, acc_t, factor_t>& a, const std::vector<Tile>& tiles,
                            int64_t p0, int64_t np, int64_t patch_stride, acc_t* buf) {
   const float* mean = a.mean + p0 * a.dim;
@@ -332,8 +337,32 @@ STNPADIM_INLINE void stage(const Args<scalar_t, acc_t, factor_t>& a, const std::
       }
       continue;
     }
+    int64_t q_fast = 0;
+    if constexpr (kVectorBytes<kCap> >= 32 && std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (a.stride_p == 1 && t.n == t.lanes && t.lanes % 8 == 0) {
+        q_fast = np & ~int64_t{7};
+        alignas(32) float block[64];
+        for (int64_t j = 0; j < a.dim; ++j) {
+          for (int64_t q0 = 0; q0 < q_fast; q0 += 8) {
+            float m[8];
+            for (int k = 0; k < 8; ++k) {
+              m[k] = mean[(q0 + k) * a.dim + j];
+            }
+            for (int64_t l0 = 0; l0 < t.lanes; l0 += 8) {
+              for (int r = 0; r < 8; ++r) {
+                const float* row = src + (l0 + r) * a.stride_b + j * a.stride_c + q0;
+                for (int k = 0; k < 8; ++k) {
+                  block[r * 8 + k] = row[k] - m[k];
+                }
+              }
+              transpose_block8(block, 8, buf + q0 * patch_stride + t.offset + j * t.lanes + l0, patch_stride);
+            }
+          }
+        }
+      }
+    }
     for (int64_t j = 0; j < a.dim; ++j) {
-      for (int64_t q = 0; q < np; ++q) {
+      for (int64_t q = q_fast; q < np; ++q) {
         const scalar_t* col = src + j * a.stride_c + q * a.stride_p;
         const acc_t m = mean[q * a.dim + j];
         acc_t* dst = buf + q * patch_stride + t.offset + j * t.lanes;
@@ -457,7 +486,7 @@ STNPADIM_INLINE void patch_block(const Args<scalar_t, acc_t, factor_t>& a, const
                                  int64_t patch_stride, int64_t p0, int64_t np, int64_t next_p0,
                                  int64_t block, std::vector<acc_t>& buf, std::vector<acc_t>& sq,
                                  float* panel) {
-  stage(a, tiles, p0, np, patch_stride, buf.data());
+  stage<kCap>(a, tiles, p0, np, patch_stride, buf.data());
   const bool prefetch = next_p0 < a.patches;
   const int64_t next_np = std::min(block, a.patches - next_p0);
   const auto* factor_end = a.factor + a.patches * packed_size(a.dim);
