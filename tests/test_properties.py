@@ -135,10 +135,13 @@ def test_affine_sample_matches_float64_truth(device, dtype, layout_name, n, c, h
         gx, gt = torch.autograd.grad(out, (x_in, theta_in), g)
     assert gx.dtype == dtype and gt.dtype == dtype
     wx, wt = tolerances.truth_grads(x, theta, g, size, mode, padding_mode, align_corners)
+    # A gradient past the dtype's range rounds to +-inf, as the truth itself would (theta's
+    # sums over many float16 outputs reach it): both sides are compared clamped to the range.
+    big = torch.finfo(dtype).max
     rtol, atol = tolerances.grad_x_tolerance(x, theta, g, size, mode, padding_mode, align_corners)
-    torch.testing.assert_close(gx.double(), wx, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gx.double().clamp(-big, big), wx.clamp(-big, big), rtol=rtol, atol=atol)
     rtol, atol = tolerances.grad_theta_tolerance(x, theta, g, size, mode)
-    torch.testing.assert_close(gt.double(), wt, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gt.double().clamp(-big, big), wt.clamp(-big, big), rtol=rtol, atol=atol)
 
 
 def emb_layout(base: torch.Tensor, name: str, batch: int, dim: int, hw) -> torch.Tensor:
