@@ -116,11 +116,24 @@ def test_mahalanobis_tiles_staged_eight_patches_at_a_time(capability, batch):
     torch.testing.assert_close(sp.mahalanobis(sliced, g).double(), want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("batch", [4, 8, 16, 32])
+def test_mahalanobis_every_row_block_remainder(capability, batch):
+    # Batch tiles run the factor's rows in blocks (6 or 8 rows, by tile kind and variant);
+    # the rows left over run as one smaller block, of each size from 1 to 7 here.
+    for dim in range(1, 18):
+        g = _gaussian(3, dim, dim)
+        emb = torch.randn(batch, dim, 3) * 2 + g.mean.T
+        want = mahalanobis_reference(emb.double(), g)
+        rtol, atol = tolerances.mahalanobis_tolerance(emb, g, want)
+        torch.testing.assert_close(sp.mahalanobis(emb, g).double(), want, rtol=rtol, atol=atol,
+                                   msg=lambda m, c=dim: f"C={c}: {m}")
+
+
 def test_mahalanobis_strided_large_dim(capability):
-    """C = 130 spans several factor panels; [B, P, C] memory (stride_c = 1) and a batch slice."""
-    g = _gaussian(5, 130, 0)
-    base = torch.randn(40, 5, 130) * 2 + g.mean
-    emb = base.permute(0, 2, 1)[::2]                                 # [20, 130, 5], strided
+    """C = 200 spans two factor panels; [B, P, C] memory (stride_c = 1) and a batch slice."""
+    g = _gaussian(5, 200, 0)
+    base = torch.randn(40, 5, 200) * 2 + g.mean
+    emb = base.permute(0, 2, 1)[::2]                                 # [20, 200, 5], strided
     want = mahalanobis_reference(emb.double(), g)
     rtol, atol = tolerances.mahalanobis_tolerance(emb, g, want)
     torch.testing.assert_close(sp.mahalanobis(emb, g).double(), want, rtol=rtol, atol=atol)
