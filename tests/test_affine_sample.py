@@ -259,12 +259,14 @@ def test_backward_is_deterministic_and_splits_channels_consistently(n, c):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("padding_mode,align_corners", list(itertools.product(PADDINGS, (False, True))))
 @pytest.mark.parametrize("shape,size", [((2, 40, 9, 12), (11, 7)), ((1, 70, 6, 5), (4, 8)),
-                                        ((3, 20, 1, 7), (5, 6))])
+                                        ((16, 24, 7, 9), (6, 10)), ((3, 20, 1, 7), (5, 6))])
 def test_many_channels_match_composition(shape, size, padding_mode, align_corners, dtype):
     # Bilinear with >= 16 channels has its own kernels on channel-interleaved copies: one
-    # block per image for 40 channels, blocks of one image for (1, 70); sizes that are not
-    # multiples of 8 reach the edges of its transposes. A 1-pixel axis stays planar; the
-    # forward reads channels_last input in place (no copy) and sliced channels planar.
+    # block per image with many images (16, 24), several blocks of an image with few images
+    # (1, 70; 2, 40 with more than one thread); sizes that are not multiples of 8 reach the
+    # edges of its transposes. A 1-pixel axis stays planar. channels_last input is read in
+    # place (no copy) by the forward, and by the backward with one block per image or for
+    # theta's gradient alone; sliced channels run planar.
     x = torch.rand(*shape, dtype=dtype)
     theta = random_theta(shape[0], dtype)
     out = affine_sample(x, theta, size, "bilinear", padding_mode, align_corners)
@@ -275,8 +277,9 @@ def test_many_channels_match_composition(shape, size, padding_mode, align_corner
                                    out, rtol=0, atol=TOL[dtype])
     g = torch.randn(shape[0], shape[1], *size, dtype=dtype)
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-9, 1e-11)
-    for wrt in ("both", "x", "theta"):
-        xs = x.clone().requires_grad_(wrt != "theta")
+    for wrt, memory_format in itertools.product(("both", "x", "theta"),
+                                                (torch.contiguous_format, torch.channels_last)):
+        xs = x.clone(memory_format=memory_format).requires_grad_(wrt != "theta")
         ts = theta.clone().requires_grad_(wrt != "x")
         xr = x.clone().requires_grad_(wrt != "theta")
         tr = theta.clone().requires_grad_(wrt != "x")
