@@ -26,9 +26,20 @@ C10_ALWAYS_INLINE void stream_store8(float* d, const v8f& v) {
 #endif
 }
 
+// One row of a transposed block: streamed (d aligned to 32 bytes) or stored plainly.
+template <bool kStream>
+C10_ALWAYS_INLINE void store8(float* d, const v8f& v) {
+  if constexpr (kStream) {
+    stream_store8(d, v);
+  } else {
+    std::memcpy(d, &v, sizeof(v));
+  }
+}
+
 // Transposes an 8x8 float block: d[j * ds + i] = s[i * ss + j]. In GCC vector types,
 // so that every variant gets its own shuffles (8 loads, 24 shuffles, 8 stores). 32-byte
 // vectors are one register from AVX2 on; below that, callers use narrower blocks.
+// kStream: d and ds aligned to 32 bytes, rows written with streaming stores.
 template <bool kStream = false>
 C10_ALWAYS_INLINE void transpose_block8(const float* __restrict s, int64_t ss, float* __restrict d,
                                         int64_t ds) {
@@ -59,25 +70,14 @@ C10_ALWAYS_INLINE void transpose_block8(const float* __restrict s, int64_t ss, f
   const v8 o1 = __builtin_shuffle(u1, u5, kFirst), o5 = __builtin_shuffle(u1, u5, kSecond);
   const v8 o2 = __builtin_shuffle(u2, u6, kFirst), o6 = __builtin_shuffle(u2, u6, kSecond);
   const v8 o3 = __builtin_shuffle(u3, u7, kFirst), o7 = __builtin_shuffle(u3, u7, kSecond);
-  if constexpr (kStream) {  // d and ds aligned to 32 bytes
-    stream_store8(d, o0);
-    stream_store8(d + ds, o1);
-    stream_store8(d + 2 * ds, o2);
-    stream_store8(d + 3 * ds, o3);
-    stream_store8(d + 4 * ds, o4);
-    stream_store8(d + 5 * ds, o5);
-    stream_store8(d + 6 * ds, o6);
-    stream_store8(d + 7 * ds, o7);
-  } else {
-    std::memcpy(d, &o0, sizeof(v8));
-    std::memcpy(d + ds, &o1, sizeof(v8));
-    std::memcpy(d + 2 * ds, &o2, sizeof(v8));
-    std::memcpy(d + 3 * ds, &o3, sizeof(v8));
-    std::memcpy(d + 4 * ds, &o4, sizeof(v8));
-    std::memcpy(d + 5 * ds, &o5, sizeof(v8));
-    std::memcpy(d + 6 * ds, &o6, sizeof(v8));
-    std::memcpy(d + 7 * ds, &o7, sizeof(v8));
-  }
+  store8<kStream>(d, o0);
+  store8<kStream>(d + ds, o1);
+  store8<kStream>(d + 2 * ds, o2);
+  store8<kStream>(d + 3 * ds, o3);
+  store8<kStream>(d + 4 * ds, o4);
+  store8<kStream>(d + 5 * ds, o5);
+  store8<kStream>(d + 6 * ds, o6);
+  store8<kStream>(d + 7 * ds, o7);
 }
 
 }  // namespace stnpadim
