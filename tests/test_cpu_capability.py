@@ -129,9 +129,11 @@ def test_mahalanobis_every_row_block_remainder(capability, batch):
                                    msg=lambda m, c=dim: f"C={c}: {m}")
 
 
-def test_mahalanobis_strided_large_dim(capability):
-    """C = 200 spans two factor panels; [B, P, C] memory (stride_c = 1) and a batch slice."""
-    g = _gaussian(5, 200, 0)
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16])
+def test_mahalanobis_strided_large_dim(capability, factor_dtype):
+    """C = 200 spans two factor panels; [B, P, C] memory (stride_c = 1) and a batch slice,
+    whose lone element's rows (1 to 200 long) end at every point of the unrolled dot product."""
+    g = _gaussian(5, 200, 0).with_factor_dtype(factor_dtype)
     base = torch.randn(40, 5, 200) * 2 + g.mean
     emb = base.permute(0, 2, 1)[::2]                                 # [20, 200, 5], strided
     want = mahalanobis_reference(emb.double(), g)

@@ -180,6 +180,11 @@ STNPADIM_INLINE V load_factor(const c10::BFloat16* ptr) {
   return __builtin_convertvector(f, V);
 }
 
+constexpr int64_t kLine = 64;  // bytes per cache line
+// How far ahead single_rows fetches a bfloat16 factor. It spends fewer cycles per byte
+// than on a float32 factor, and the hardware prefetcher alone left it waiting on memory.
+constexpr int64_t kFactorAhead = 4096;
+
 // Adds to *sq_out the squares of rows [r0, r1) for one batch element: d is [dim]
 // contiguous, readable (any value) for a vector's lanes past its end. factor_end bounds
 // reads of the factor.
@@ -198,16 +203,24 @@ STNPADIM_INLINE void single_rows(const factor_t* factor, const acc_t* d, int64_t
   for (int64_t i = r0; i < r1; ++i) {
     const factor_t* row = factor + packed_row_offset(i);
     const int64_t len = i + 1;
-    V a0 = {}, a1 = {};  // two chains hide the FMA latency
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};  // four chains hide the FMA latency
     int64_t j = 0;
-    for (; j + 2 * kLanes <= len; j += 2 * kLanes) {
+    for (; j + 4 * kLanes <= len; j += 4 * kLanes) {
+      if constexpr (std::is_same_v<factor_t, c10::BFloat16>) {
+        for (int64_t k = 0; k < 4 * kLanes * int64_t{sizeof(factor_t)}; k += kLine) {
+          __builtin_prefetch(reinterpret_cast<const char*>(row + j) + kFactorAhead + k);
+        }
+      }
       a0 += load_factor<V, kLanes>(row + j) * load<V>(d + j);
       a1 += load_factor<V, kLanes>(row + j + kLanes) * load<V>(d + j + kLanes);
+      a2 += load_factor<V, kLanes>(row + j + 2 * kLanes) * load<V>(d + j + 2 * kLanes);
+      a3 += load_factor<V, kLanes>(row + j + 3 * kLanes) * load<V>(d + j + 3 * kLanes);
     }
-    if (j + kLanes <= len) {
-      a0 += load_factor<V, kLanes>(row + j) * load<V>(d + j);
-      j += kLanes;
+    for (; j + kLanes <= len; j += kLanes) {
+      a2 += load_factor<V, kLanes>(row + j) * load<V>(d + j);
     }
+    a0 += a2;
+    a1 += a3;
     acc_t y = 0;
     if (j < len && row + j + kLanes <= factor_end) {
       // The tail as one full vector: lanes past the row (the next row's factor, d past
@@ -402,7 +415,6 @@ STNPADIM_INLINE void stage(const Args<scalar_t, acc_t, factor_t>& a, const std::
 template <typename scalar_t, typename acc_t, typename factor_t>
 STNPADIM_INLINE void prefetch_stage(const Args<scalar_t, acc_t, factor_t>& a, const std::vector<Tile>& tiles,
                                     int64_t p0, int64_t np, int64_t part, int64_t parts) {
-  constexpr int64_t kLine = 64;
   const char* mean = reinterpret_cast<const char*>(a.mean + p0 * a.dim);
   const int64_t mean_lines = (np * a.dim * static_cast<int64_t>(sizeof(float)) + kLine - 1) / kLine;
   for (int64_t k = mean_lines * part / parts; k < mean_lines * (part + 1) / parts; ++k) {
@@ -456,10 +468,10 @@ STNPADIM_INLINE const float* float_panel(const c10::BFloat16* factor, int64_t r0
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(factor + begin);
   // 64-byte lines at a time, each fetching the line as far ahead (the next panel's, or the
   // next patch's after the last): read from memory while the tiles work on this panel.
-  constexpr int64_t kLine = 32;
-  for (int64_t k0 = 0; k0 < n; k0 += kLine) {
+  constexpr int64_t kLineElements = kLine / sizeof(uint16_t);
+  for (int64_t k0 = 0; k0 < n; k0 += kLineElements) {
     __builtin_prefetch(bits + n + k0);
-    const int64_t k1 = std::min(n, k0 + kLine);
+    const int64_t k1 = std::min(n, k0 + kLineElements);
     for (int64_t k = k0; k < k1; ++k) {
       const uint32_t wide = static_cast<uint32_t>(bits[k]) << 16;
       std::memcpy(panel + k, &wide, sizeof(float));
